@@ -1,0 +1,175 @@
+"""Reading a prepared benchmark directory, and building / caching it and its label views."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from tuner.data.corruption import ViewSpec, make_view
+from tuner.data.digits import DigitsConfig, build_digits_mlt
+from tuner.data.manifest import (
+    SPLITS,
+    class_groups,
+    locked,
+    read_manifest,
+    sha256_file,
+    verify_files,
+    write_manifest,
+)
+from tuner.data.shards import SplitSource, encode_png, labels_table, table_labels, write_benchmark
+from tuner.errors import ConfigError, DataError
+
+EMBEDDED = ("digits-mlt",)
+
+
+def default_data_dir(benchmark: str, seed: int = 0) -> Path:
+    """Where a benchmark is cached: ``$MLT_TUNER_DATA`` or ``~/.cache/mlt-tuner``."""
+    root = os.environ.get("MLT_TUNER_DATA") or Path.home() / ".cache" / "mlt-tuner"
+    return Path(root) / f"{benchmark}-s{seed}"
+
+
+def prepare_digits(out: str | Path, seed: int = 0, rows_per_shard: int = 64, **kw: Any) -> dict:
+    """Build DigitsMLT with ``seed`` and write it to ``out``; returns the manifest."""
+    config = DigitsConfig(seed=seed)
+    splits, facts = build_digits_mlt(config)
+    sources = {}
+    for name, built in splits.items():
+        ids = [f"digits-{name}-{i:05d}" for i in range(len(built.labels))]
+        sources[name] = SplitSource(ids, built.labels, lambda i, b=built: encode_png(b.images[i]))
+    build = {**vars(config), **facts, "sources": {k: v.sources for k, v in splits.items()}}
+    return write_benchmark(
+        out,
+        "digits-mlt",
+        [str(d) for d in range(10)],
+        sources,
+        head_min=facts["head_min"],
+        tail_below=facts["tail_below"],
+        build=build,
+        image_info={"format": "png", "height": 48, "width": 48, "channels": 1, "augment": "shift"},
+        rows_per_shard=rows_per_shard,
+        **kw,
+    )
+
+
+def ensure_prepared(benchmark: str, data_dir: str | Path | None, seed: int = 0) -> Path:
+    """The benchmark's directory, building DigitsMLT there the first time it is needed."""
+    path = Path(data_dir) if data_dir else default_data_dir(benchmark, seed)
+    if (path / "manifest.json").is_file():
+        return path
+    if benchmark in EMBEDDED:
+        with locked(_mkdir(path)):
+            if not (path / "manifest.json").is_file():
+                _clear_partial(path)
+                prepare_digits(path, seed=seed, overwrite=True)
+        return path
+    raise DataError(
+        f"benchmark {benchmark!r} is not prepared at {path}; run "
+        f"`python -m tuner.prepare --benchmark {benchmark} --out {path}` first"
+    )
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _clear_partial(path: Path) -> None:
+    for sub in ("images", "labels"):
+        target = path / sub
+        if target.exists():
+            import shutil
+
+            shutil.rmtree(target)
+
+
+class PreparedData:
+    """A prepared benchmark directory: manifest, shards, labels and corruption views."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.root = Path(data_dir)
+        self.manifest = read_manifest(self.root)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest["class_names"])
+
+    def shard_files(self, split: str) -> list[str]:
+        """Absolute paths of a split's image shards."""
+        if split not in SPLITS:
+            raise ConfigError(f"split must be one of {list(SPLITS)}, got {split!r}")
+        return [str(self.root / rel) for rel in self.manifest["splits"][split]["shards"]]
+
+    def verify(self, splits: Sequence[str] = SPLITS) -> None:
+        """Check the checksums of the splits' shards and of the label tables."""
+        rels = [r for s in splits for r in self.manifest["splits"][s]["shards"]]
+        rels.append(self.manifest["labels"])
+        rels += [v["file"] for v in self.manifest["views"].values()]
+        verify_files(self.root, self.manifest, rels)
+
+    def true_labels(self, split: str) -> tuple[list[str], np.ndarray]:
+        """Image ids (sorted) and ``(N, C)`` uint8 true labels of a split."""
+        table = pq.read_table(self.root / self.manifest["labels"])
+        mask = np.asarray(table.column("split").to_pylist()) == split
+        table = table.filter(mask)
+        ids = table.column("image_id").to_pylist()
+        if ids != sorted(ids) or len(ids) != self.manifest["splits"][split]["num_images"]:
+            raise DataError(f"{self.root / self.manifest['labels']} does not match the manifest")
+        return ids, table_labels(table)
+
+    def view_labels(self, spec: ViewSpec) -> np.ndarray:
+        """Observed ``(N_train, C)`` training labels of a view, generated and cached once."""
+        if spec.kind == "clean":
+            return self.true_labels("train")[1]
+        entry = self.ensure_view(spec)
+        table = pq.read_table(self.root / entry["file"])
+        return table_labels(table)
+
+    def ensure_view(self, spec: ViewSpec) -> dict[str, Any]:
+        """The manifest entry of ``spec``, writing its label table the first time."""
+        if spec.name in self.manifest["views"]:
+            return self.manifest["views"][spec.name]
+        with locked(self.root):
+            self.manifest = read_manifest(self.root)
+            if spec.name not in self.manifest["views"]:
+                self._write_view(spec)
+        return self.manifest["views"][spec.name]
+
+    def _write_view(self, spec: ViewSpec) -> None:
+        ids, labels = self.true_labels("train")
+        observed, info = make_view(labels, spec)
+        rel = f"labels/{spec.name}.parquet"
+        pq.write_table(labels_table(ids, observed), self.root / rel)
+        counts = observed.sum(0).astype(int)
+        thresholds = self.manifest["group_thresholds"]
+        self.manifest["views"][spec.name] = {
+            "kind": spec.kind,
+            "rate": spec.rate,
+            "seed": spec.seed,
+            "file": rel,
+            "class_counts": counts.tolist(),
+            "groups": class_groups(counts, thresholds["head_min"], thresholds["tail_below"]),
+            **info,
+        }
+        self.manifest["checksums"][rel] = sha256_file(self.root / rel)
+        write_manifest(self.root, self.manifest)
+
+    def class_counts(self, spec: ViewSpec | None = None) -> list[int]:
+        """Training class counts of the observed labels of ``spec`` (true counts for None/clean)."""
+        if spec is None or spec.kind == "clean":
+            return list(self.manifest["class_counts"]["train"])
+        return list(self.ensure_view(spec)["class_counts"])
+
+    def groups(self, spec: ViewSpec | None = None) -> dict[str, list[int]]:
+        """Head / medium / tail groups; from the observed labels of ``spec`` when given."""
+        if spec is None or spec.kind == "clean":
+            return {k: list(v) for k, v in self.manifest["groups"].items()}
+        return {k: list(v) for k, v in self.ensure_view(spec)["groups"].items()}

@@ -1,0 +1,340 @@
+"""The one training loop, used by every method. Plain PyTorch: no Ray import here.
+
+Per epoch: ``method.on_epoch_start`` -> for each batch ``method.training_step`` (loss and
+logits), a guarded optimizer step, the LR schedule, the EMA update and
+``method.on_batch_end`` -> ``method.on_epoch_end`` -> validation of the regular (and EMA)
+model -> ``report(metrics, state)``. ``state`` holds everything needed to continue exactly:
+model, optimizer, schedule, grad scaler, EMA, RNG states, the method's own state and the best
+weights so far (chosen on validation mAP only).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from methods.base import Method, MethodParams, hp
+from tuner.backbones import BACKBONES
+from tuner.data.stream import normalize
+from tuner.errors import NonFiniteLossError
+from tuner.metrics import evaluate as score_metrics
+
+Reporter = Callable[[dict[str, Any], dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig(MethodParams):
+    """Training hyperparameters shared by every method (all visible to the tuner)."""
+
+    backbone: str = hp("small_cnn", choices=BACKBONES, doc="network")
+    weights: str | None = hp(None, doc="local file of pretrained trunk weights (no downloads)")
+    image_size: int = hp(48, 16, 1024, doc="input side in pixels")
+    batch_size: int = hp(64, 1, 4096)
+    optimizer: str = hp("adamw", choices=("adamw", "adam", "sgd"))
+    lr: float = hp(1e-3, 0.0, 10.0, low_open=True, doc="peak learning rate")
+    weight_decay: float = hp(1e-4, 0.0, 1.0, doc="decoupled; not applied to biases and norms")
+    momentum: float = hp(0.9, 0.0, 1.0, high_open=True, doc="SGD momentum")
+    schedule: str = hp("cosine", choices=("cosine", "constant"))
+    warmup_frac: float = hp(0.1, 0.0, 0.9, doc="share of all steps with linear warm-up")
+    ema_decay: float = hp(0.0, 0.0, 1.0, high_open=True, doc="model EMA decay; 0 = off")
+    amp: bool = hp(False, choices=(False, True), doc="bfloat16 autocast on GPU")
+    grad_clip: float = hp(0.0, 0.0, 1e6, doc="max grad norm; 0 = off")
+    max_epochs: int = hp(6, 1, 10000, doc="epoch budget; schedules are defined on it")
+    seed: int = hp(0, 0, 2**31 - 1)
+    eval_batch_size: int = hp(256, 1, 65536)
+    threshold: float = hp(0.5, 0.0, 1.0, low_open=True, high_open=True, doc="F1 threshold")
+
+
+@dataclass
+class TrainData:
+    """What the loop trains and validates on.
+
+    Attributes:
+        train_batches: ``epoch -> iterable`` of ``{"image": uint8 (B,3,S,S), "index": (B,)}``.
+        train_targets: ``(N, C)`` float observed training labels, row = ``index``.
+        steps_per_epoch: optimizer steps per epoch (for the schedule).
+        val_images: ``(M, 3, S, S)`` uint8 validation images.
+        val_targets: ``(M, C)`` 0/1 true validation labels.
+        groups: head / medium / tail class indices for the group mAPs.
+    """
+
+    train_batches: Callable[[int], Iterable[Mapping[str, Tensor]]]
+    train_targets: Tensor
+    steps_per_epoch: int
+    val_images: Tensor
+    val_targets: np.ndarray
+    groups: Mapping[str, list[int]] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Optimizer with weight decay on weights only (not biases or normalisation)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up from 4% then cosine decay to 0, over the full budget ``total``."""
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(step / max(total, 1), 1.0)
+    if progress < cfg.warmup_frac:
+        return 0.04 + 0.96 * progress / cfg.warmup_frac
+    rest = (progress - cfg.warmup_frac) / max(1.0 - cfg.warmup_frac, 1e-8)
+    return 0.5 * (1.0 + math.cos(math.pi * rest))
+
+
+class ModelEma:
+    """Exponential moving average of a model's weights, with the usual early warm-up."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        ema_state = self.module.state_dict()
+        for name, value in model.state_dict().items():
+            if value.dtype.is_floating_point:
+                ema_state[name].mul_(d).add_(value.detach(), alpha=1 - d)
+            else:
+                ema_state[name].copy_(value)
+
+
+@torch.no_grad()
+def predict(
+    method: Method, model: nn.Module, images: Tensor, batch_size: int, device: torch.device
+) -> np.ndarray:
+    """``(N, C)`` float scores of ``method.predict`` over uint8 images, in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = normalize(images[start : start + batch_size].to(device, non_blocking=True))
+        out.append(method.predict(model, batch).float().cpu())
+    model.train(was_training)
+    if not out:
+        return np.zeros((0, 0), dtype=np.float32)
+    return torch.cat(out).numpy()
+
+
+def evaluate(
+    method: Method,
+    model: nn.Module,
+    images: Tensor,
+    targets: np.ndarray,
+    groups: Mapping[str, list[int]],
+    cfg: TrainConfig,
+    device: torch.device,
+) -> dict[str, float]:
+    """Platform metrics (mAP, group mAPs, CF1/OF1) of ``model`` on one split."""
+    scores = predict(method, model, images, cfg.eval_batch_size, device)
+    return score_metrics(scores, targets, groups, threshold=cfg.threshold)
+
+
+class _Step:
+    """One guarded optimisation step (autocast, finite check, clipping, schedule, EMA)."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, total_steps: int, device: torch.device):
+        self.model, self.cfg, self.total, self.device = model, cfg, total_steps, device
+        self.optimizer = build_optimizer(model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total_steps, cfg)
+        )
+        self.ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.amp = cfg.amp and device.type == "cuda"
+
+    def __call__(self, method: Method, batch: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = method.training_step(self.model, batch)
+        loss = out["loss"]
+        if not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLossError(
+                f"{method.name}: training loss became {loss.item()} at {where}; "
+                f"lower the learning rate or check the method's hyperparameters"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": None if self.ema is None else self.ema.module.state_dict(),
+            "ema_updates": 0 if self.ema is None else self.ema.updates,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.module.load_state_dict(state["ema"])
+            self.ema.updates = int(state["ema_updates"])
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _cpu_state(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def fit(
+    method: Method,
+    model: nn.Module,
+    cfg: TrainConfig,
+    data: TrainData,
+    report: Reporter,
+    resume: Mapping[str, Any] | None = None,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """Train for ``cfg.max_epochs`` epochs (or until the reporter stops the process).
+
+    Args:
+        method: the method plug-in (loss, hooks, state).
+        model: a :class:`~tuner.backbones.Classifier`.
+        cfg: training hyperparameters.
+        data: training stream, label table and validation split.
+        report: called after every epoch with the metrics (``epoch`` counts completed
+            epochs, from 1) and the full state to checkpoint.
+        resume: a state previously passed to ``report``; training continues after it.
+        device: where to train (default: CUDA when available).
+
+    Returns:
+        The last state (with ``best`` holding the best validation metrics and weights).
+    """
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    seed_everything(cfg.seed)
+    model.to(device)
+    step = _Step(model, cfg, cfg.max_epochs * data.steps_per_epoch, device)
+    targets = data.train_targets.float()
+    start_epoch, best = 0, {"val_mAP": -math.inf, "epoch": 0, "model": None, "metrics": {}}
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        step.load_state_dict(resume["step"])
+        method.load_state_dict(resume["method"])
+        _set_rng_state(resume["rng"])
+        start_epoch, best = int(resume["epoch"]), dict(resume["best"])
+    method.on_fit_start(model)
+    state: dict[str, Any] = {}
+    for epoch in range(start_epoch, cfg.max_epochs):
+        metrics = _train_epoch(method, model, step, data, targets, epoch, device)
+        t0 = time.perf_counter()
+        val, used = _validate(method, model, step, data, cfg, device)
+        metrics.update({f"val_{k}": v for k, v in val.items()}, eval_time=time.perf_counter() - t0)
+        if val["mAP"] > best["val_mAP"]:
+            weights = step.ema.module if used == "ema" else model
+            best = {"val_mAP": val["mAP"], "epoch": epoch + 1, "model": _cpu_state(weights),
+                    "method": copy.deepcopy(method.state_dict()), "metrics": dict(metrics)}
+        metrics.update(epoch=epoch + 1, best_val_mAP=best["val_mAP"], best_epoch=best["epoch"],
+                       val_model=used)
+        state = {
+            "epoch": epoch + 1,
+            "model": _cpu_state(model),
+            "step": step.state_dict(),
+            "method": method.state_dict(),
+            "rng": _rng_state(),
+            "best": best,
+        }
+        report(metrics, state)
+    return state
+
+
+def _train_epoch(
+    method: Method,
+    model: nn.Module,
+    step: _Step,
+    data: TrainData,
+    targets: Tensor,
+    epoch: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    model.train()
+    method.on_epoch_start(epoch)
+    t0 = time.perf_counter()
+    wait, total_loss, seen, n = 0.0, 0.0, 0, 0
+    t_wait = time.perf_counter()
+    for raw in data.train_batches(epoch):
+        wait += time.perf_counter() - t_wait
+        index = raw["index"].long()
+        batch = {
+            "image": normalize(raw["image"].to(device, non_blocking=True)),
+            "target": targets[index].to(device, non_blocking=True),
+            "index": index.to(device),
+        }
+        out = step(method, batch, where=f"epoch {epoch + 1}, step {n + 1}")
+        method.on_batch_end(batch, out)
+        total_loss += float(out["loss"].detach()) * len(index)
+        seen += len(index)
+        n += 1
+        t_wait = time.perf_counter()
+    method.on_epoch_end(epoch)
+    return {
+        "train_loss": total_loss / max(seen, 1),
+        "train_images": seen,
+        "train_time": time.perf_counter() - t0,
+        "data_wait_time": wait,
+        "lr": step.optimizer.param_groups[0]["lr"],
+    }
+
+
+def _validate(
+    method: Method, model: nn.Module, step: _Step, data: TrainData, cfg: TrainConfig,
+    device: torch.device,
+) -> tuple[dict[str, float], str]:
+    """Validation metrics of the regular model, or of the EMA model when it scores higher."""
+    val = evaluate(method, model, data.val_images, data.val_targets, data.groups, cfg, device)
+    if step.ema is None:
+        return val, "model"
+    ema_val = evaluate(
+        method, step.ema.module, data.val_images, data.val_targets, data.groups, cfg, device
+    )
+    return (ema_val, "ema") if ema_val["mAP"] > val["mAP"] else (val, "model")

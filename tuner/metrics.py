@@ -1,0 +1,180 @@
+r"""The one evaluator: mAP (total and per class group) and CF1/OF1 at a probability threshold.
+
+Plain NumPy (tensors are accepted and moved to the CPU); no scikit-learn at run time, though
+every function matches its scikit-learn counterpart (see ``tests/test_metrics.py``).
+
+Conventions, fixed platform-wide:
+
+* AP is scikit-learn's ``average_precision_score``: the step-wise sum
+  :math:`\sum_k (R_k - R_{k-1}) P_k` over the distinct score thresholds, tied scores forming
+  one threshold. It is computed on the raw scores (logits).
+* mAP averages AP over the classes with at least one positive; all mAP, precision, recall and
+  F1 values are in percent.
+* CF1 is :math:`2 \cdot CP \cdot CR / (CP + CR)` with CP and CR the class-averaged precision
+  and recall (the textbook / CoNeS definition). The Hill/SPLC ``validate.py`` instead averages
+  the per-class F1, which gives a different number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["average_precision", "evaluate", "f1_scores", "mean_ap", "per_class_ap"]
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+def _as_numpy(values: ArrayLike, name: str, ndim: int) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().to("cpu", torch.float64).numpy()
+    out = np.asarray(values, dtype=np.float64)
+    if out.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {out.shape}")
+    return out
+
+
+def _check_pair(scores: ArrayLike, targets: ArrayLike, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both as float64 arrays of the same ``ndim``-D shape, targets 0/1, scores finite."""
+    s = _as_numpy(scores, "scores", ndim)
+    t = _as_numpy(targets, "targets", ndim)
+    if s.shape != t.shape:
+        raise ValueError(f"scores {s.shape} and targets {t.shape} must have the same shape")
+    if not np.isin(t, (0.0, 1.0)).all():
+        raise ValueError("targets must contain only 0 and 1")
+    if not np.isfinite(s).all():
+        raise ValueError("scores contain NaN or infinite values")
+    return s, t
+
+
+def _safe_div(num: np.ndarray | float, den: np.ndarray | float) -> np.ndarray:
+    """``num / den`` with 0 where ``den == 0``."""
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    return np.divide(num, den, out=np.zeros(np.broadcast(num, den).shape), where=den != 0)
+
+
+def _percent_mean(values: np.ndarray) -> float:
+    """100 * the mean of the non-NaN entries; NaN (without a warning) when there are none."""
+    kept = values[~np.isnan(values)]
+    return float(100.0 * kept.mean()) if kept.size else float("nan")
+
+
+def average_precision(scores: ArrayLike, targets: ArrayLike) -> float:
+    """Average precision of one class, as ``sklearn.metrics.average_precision_score``.
+
+    Args:
+        scores: ``(N,)`` real-valued scores, higher meaning more likely positive.
+        targets: ``(N,)`` 0/1 ground truth.
+
+    Returns:
+        AP in [0, 1]; NaN when ``targets`` has no positive.
+    """
+    s, t = _check_pair(scores, targets, ndim=1)
+    if not t.any():
+        return float("nan")
+    order = np.argsort(-s, kind="stable")
+    s, t = s[order], t[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]  # last row of each tie group
+    tp = np.cumsum(t)[last]
+    precision = tp / (last + 1)
+    recall_step = np.diff(np.r_[0.0, tp]) / tp[-1]
+    return float(np.sum(recall_step * precision))
+
+
+def per_class_ap(scores: ArrayLike, targets: ArrayLike) -> np.ndarray:
+    """AP of every class.
+
+    Args:
+        scores: ``(N, C)`` scores.
+        targets: ``(N, C)`` 0/1 ground truth.
+
+    Returns:
+        ``(C,)`` AP in [0, 1], NaN for classes without a positive.
+    """
+    s, t = _check_pair(scores, targets, ndim=2)
+    return np.array([average_precision(s[:, c], t[:, c]) for c in range(s.shape[1])])
+
+
+def mean_ap(
+    scores: ArrayLike,
+    targets: ArrayLike,
+    groups: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, float]:
+    """mAP in percent over the classes with a positive, in total and per class group.
+
+    Args:
+        scores: ``(N, C)`` scores.
+        targets: ``(N, C)`` 0/1 ground truth.
+        groups: optional group name -> class indices (e.g. ``head`` / ``medium`` / ``tail``).
+
+    Returns:
+        ``{"mAP": ..., "mAP_<name>": ... for each group}``; a value is NaN when none of its
+        classes has a positive.
+    """
+    ap = per_class_ap(scores, targets)
+    out = {"mAP": _percent_mean(ap)}
+    for name, classes in (groups or {}).items():
+        out[f"mAP_{name}"] = _percent_mean(ap[np.asarray(classes, dtype=np.int64)])
+    return out
+
+
+def _f1(precision: float, recall: float) -> float:
+    return float(_safe_div(2.0 * precision * recall, precision + recall))
+
+
+def f1_scores(probs: ArrayLike, targets: ArrayLike, threshold: float = 0.5) -> dict[str, float]:
+    """Class-averaged (C*) and overall (O*) precision, recall and F1 at ``probs >= threshold``.
+
+    CP and CR average the per-class precision and recall over all C classes, a class with no
+    predicted (resp. true) positive counting 0 (``sklearn`` macro averaging with
+    ``zero_division=0``); OP and OR pool all N x C decisions (micro averaging). Then
+    ``CF1 = 2 CP CR / (CP + CR)`` and ``OF1 = 2 OP OR / (OP + OR)``, 0 when both terms are 0.
+
+    Args:
+        probs: ``(N, C)`` probabilities.
+        targets: ``(N, C)`` 0/1 ground truth.
+        threshold: a label is predicted positive when its probability is ``>= threshold``.
+
+    Returns:
+        ``CP``, ``CR``, ``CF1``, ``OP``, ``OR``, ``OF1``, in percent.
+    """
+    p, t = _check_pair(probs, targets, ndim=2)
+    pred = (p >= threshold).astype(np.float64)
+    tp, n_pred, n_true = (pred * t).sum(0), pred.sum(0), t.sum(0)
+    cp = float(_safe_div(tp, n_pred).mean())
+    cr = float(_safe_div(tp, n_true).mean())
+    op = float(_safe_div(tp.sum(), n_pred.sum()))
+    o_r = float(_safe_div(tp.sum(), n_true.sum()))
+    values = {"CP": cp, "CR": cr, "CF1": _f1(cp, cr), "OP": op, "OR": o_r, "OF1": _f1(op, o_r)}
+    return {key: 100.0 * value for key, value in values.items()}
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free logistic
+
+
+def evaluate(
+    scores: ArrayLike,
+    targets: ArrayLike,
+    groups: Mapping[str, Sequence[int]] | None = None,
+    threshold: float = 0.5,
+) -> dict[str, float]:
+    """Every reported metric of one evaluation pass.
+
+    Args:
+        scores: ``(N, C)`` logits; mAP uses them as they are, F1 uses ``sigmoid(scores)``.
+        targets: ``(N, C)`` 0/1 ground truth.
+        groups: optional group name -> class indices, giving ``mAP_<name>`` entries.
+        threshold: probability threshold of the F1 metrics.
+
+    Returns:
+        ``mAP``, ``mAP_<group>`` for each group, ``CF1``, ``OF1``, ``CP``, ``CR``, ``OP``,
+        ``OR``, all in percent.
+    """
+    s, t = _check_pair(scores, targets, ndim=2)
+    f1 = f1_scores(_sigmoid(s), t, threshold)
+    out = mean_ap(s, t, groups)
+    out.update({key: f1[key] for key in ("CF1", "OF1", "CP", "CR", "OP", "OR")})
+    return out

@@ -1,0 +1,75 @@
+"""OptunaSearch with the fidelity fixes this platform needs (Ray 2.60 behaviour, pinned).
+
+Ray's OptunaSearch tells Optuna that an ASHA-stopped trial is COMPLETE with its low-fidelity
+value (so TPE mixes fidelities), drops the final result from the intermediate values, and
+numbers intermediate values by Tune's ``training_iteration`` (which restarts on a relaunch).
+:class:`PrunedAwareOptunaSearch`:
+
+* reports each result at step ``epoch`` (reported once per epoch);
+* on completion, first records the final result as an intermediate value, then tells Optuna
+  PRUNED when the trial ran fewer than ``max_epochs`` epochs (Optuna then keeps the last
+  intermediate value as its value) and COMPLETE with ``objective`` (the trial's best
+  validation mAP) otherwise; errored trials are FAIL.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+logger = logging.getLogger(__name__)
+
+
+class PrunedAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that marks early-stopped trials PRUNED and keeps every epoch's value."""
+
+    def __init__(self, *args: Any, max_epochs: int, objective: str = "best_val_mAP",
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._max_epochs = int(max_epochs)
+        self._objective = objective
+        self._reported: dict[str, set[int]] = {}
+
+    def _report(self, trial_id: str, result: dict[str, Any]) -> None:
+        value, epoch = result.get(self.metric), result.get("epoch")
+        if value is None or epoch is None or not math.isfinite(float(value)):
+            return
+        steps = self._reported.setdefault(trial_id, set())
+        if int(epoch) not in steps:
+            self._ot_trials[trial_id].report(float(value), int(epoch))
+            steps.add(int(epoch))
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        self._report(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
+                          error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        state, value = self._final_state(result, error)
+        if result and state != TrialState.FAIL:
+            self._report(trial_id, result)
+        try:
+            self._ot_study.tell(ot_trial, value, state=state)
+        except (ValueError, RuntimeError) as exc:
+            logger.warning("could not tell Optuna about trial %s: %s", trial_id, exc)
+        self._completed_trials.add(trial_id)
+        self._reported.pop(trial_id, None)
+
+    def _final_state(self, result: dict[str, Any] | None,
+                     error: bool) -> tuple[TrialState, float | None]:
+        if error or not result or result.get(self.metric) is None:
+            return TrialState.FAIL, None
+        if int(result.get("epoch", 0)) < self._max_epochs:
+            return TrialState.PRUNED, None
+        value = float(result.get(self._objective, result[self.metric]))
+        if not math.isfinite(value):
+            return TrialState.FAIL, None
+        return TrialState.COMPLETE, value

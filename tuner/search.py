@@ -1,0 +1,324 @@
+"""``python -m tuner.search``: tune a method with Optuna TPE + ASHA through Ray Tune.
+
+Example (embedded DigitsMLT, a few minutes on 2 CPU cores)::
+
+    python -m tuner.search --method hill --space search_spaces/hill.yaml
+
+Writes into ``OUT/NAME/`` (Tune's experiment directory): ``optuna.db`` (the Optuna study, named
+NAME), ``trials.parquet`` (every trial's per-epoch metrics), ``leaderboard.csv``,
+``best_config.yaml`` (a space file with the best trial's values, usable again with
+``--space``), ``test_metrics.json`` (the best trial's best weights scored once on the test
+split) and ``search.json`` (what was run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tuner.cli import run_cli
+from tuner.errors import ConfigError
+
+OBJECTIVE = "val_mAP"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tuner.search", description=__doc__.split("\n")[0])
+    p.add_argument("--method", required=True, help="registered method name, e.g. hill")
+    p.add_argument("--space", required=True, help="search space YAML, e.g. search_spaces/hill.yaml")
+    p.add_argument("--trials", type=int, help="number of trials (search.num_trials)")
+    p.add_argument("--concurrency", type=int, help="trials at once (search.max_concurrent)")
+    p.add_argument("--epochs", type=int, help="epoch budget per trial (asha.max_epochs)")
+    p.add_argument("--grace-period", type=int, help="ASHA grace period in epochs")
+    p.add_argument("--cpus-per-trial", type=float, help="CPUs each trial reserves")
+    p.add_argument("--gpus-per-trial", type=float, help="GPUs each trial reserves")
+    p.add_argument("--data-cpus", type=float, help="CPUs for each trial's Ray Data pipeline")
+    p.add_argument("--seed", type=int, help="sampler seed (search.seed)")
+    p.add_argument("--data-dir", help="prepared benchmark directory (default: the cache)")
+    p.add_argument("--out", default="experiments", help="experiments root (default ./experiments)")
+    p.add_argument("--name", help="experiment (and Optuna study) name; default METHOD-TIMESTAMP")
+    p.add_argument("--address", help="join a running Ray cluster (e.g. auto) instead of starting one")
+    p.add_argument("--num-cpus", type=int, help="logical CPUs of a local cluster (see README)")
+    p.add_argument("--no-test", action="store_true", help="skip scoring the best model on test")
+    return p
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Command-line knobs as space-section overrides."""
+    table = {
+        ("search", "num_trials"): args.trials,
+        ("search", "max_concurrent"): args.concurrency,
+        ("search", "seed"): args.seed,
+        ("asha", "max_epochs"): args.epochs,
+        ("asha", "grace_period"): args.grace_period,
+        ("resources", "cpus_per_trial"): args.cpus_per_trial,
+        ("resources", "gpus_per_trial"): args.gpus_per_trial,
+        ("resources", "data_cpus"): args.data_cpus,
+        ("data", "data_dir"): args.data_dir,
+    }
+    out: dict[str, dict[str, Any]] = {}
+    for (section, key), value in table.items():
+        if value is not None:
+            out.setdefault(section, {})[key] = value
+    if args.epochs is not None and args.grace_period is None:
+        out["asha"]["grace_period"] = max(1, min(args.epochs // 3, args.epochs))
+    return out
+
+
+def local_cpus(space: Any, requested: int | None) -> int:
+    """Logical CPUs for a local cluster: enough for every concurrent trial and its data CPUs.
+
+    Logical CPUs are Ray's scheduling slots, not cores: on a 2-core machine two trials of
+    1 training CPU + 1 data CPU need 4 slots, or Ray Data's read tasks wait forever.
+    """
+    res = space.resources
+    need = space.search["max_concurrent"] * (res["cpus_per_trial"] + res["data_cpus"])
+    return max(int(requested or 0), os.cpu_count() or 1, int(-(-need // 1)))
+
+
+def start_ray(args: argparse.Namespace, space: Any) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if args.address:
+        ray.init(address=args.address)
+        return
+    num_cpus = local_cpus(space, args.num_cpus)
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+    print(f"local Ray cluster: {num_cpus} logical CPUs; dashboard at "
+          f"http://{ray.get_runtime_context().gcs_address.split(':')[0]}:8265")
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    import methods
+    from tuner.space import load_space
+
+    methods.get_method_class(args.method)
+    space = load_space(args.space, overrides_from_args(args), method=args.method)
+    name = args.name or f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    exp_dir = Path(args.out).resolve() / name
+    if exp_dir.exists():
+        raise ConfigError(f"experiment {exp_dir} exists; choose another --name")
+    data_dir, setup = prepare_data(space)
+    start_ray(args, space)
+    results = run_search(space, setup, exp_dir)
+    rows = write_outputs(results, space, setup, exp_dir, args, data_dir)
+    print(format_leaderboard(rows))
+    if not args.no_test:
+        best = best_result(results)
+        if best is not None:
+            test = score_test(best, setup, space)
+            (exp_dir / "test_metrics.json").write_text(json.dumps(test, indent=1))
+            print(f"best trial {best.metrics['trial_id']} on test: " + _fmt_metrics(test))
+    print(f"experiment directory: {exp_dir}")
+    return 0
+
+
+def prepare_data(space: Any) -> tuple[Path, Any]:
+    """Build/verify the benchmark and its label view on the driver, once per search."""
+    from tuner.data.prepared import PreparedData, ensure_prepared
+    from tuner.trainable import TrialSetup
+
+    view = space.view()
+    data_dir = ensure_prepared(space.data["benchmark"], space.data["data_dir"], seed=0)
+    data = PreparedData(data_dir)
+    if data.manifest["benchmark"] != space.data["benchmark"]:
+        raise ConfigError(f"{data_dir} holds {data.manifest['benchmark']!r}, not "
+                          f"{space.data['benchmark']!r}; fix data.data_dir or data.benchmark")
+    data.ensure_view(view)
+    data.verify()
+    res = space.resources
+    setup = TrialSetup(
+        method=space.method,
+        data_dir=str(data_dir.resolve()),
+        view=view,
+        max_epochs=space.max_epochs,
+        cpus_per_trial=float(res["cpus_per_trial"]),
+        data_cpus=float(res["data_cpus"]),
+        groups=data.groups(),
+    )
+    return data_dir, setup
+
+
+def run_search(space: Any, setup: Any, exp_dir: Path) -> Any:
+    """Run the Tune experiment; returns the ResultGrid."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from tuner.optuna_search import PrunedAwareOptunaSearch
+    from tuner.trainable import train_trial
+
+    exp_dir.mkdir(parents=True)
+    search = space.search
+    startup = search["n_startup_trials"] or max(2, search["num_trials"] // 3)
+    searcher = PrunedAwareOptunaSearch(
+        space=space.define_by_run,
+        metric=OBJECTIVE,
+        mode="max",
+        sampler=optuna.samplers.TPESampler(seed=search["seed"], n_startup_trials=startup),
+        storage=optuna.storages.RDBStorage(f"sqlite:///{exp_dir / 'optuna.db'}"),
+        study_name=exp_dir.name,
+        max_epochs=space.max_epochs,
+    )
+    asha = space.asha
+    scheduler = ASHAScheduler(
+        time_attr="epoch",
+        max_t=asha["max_epochs"],
+        grace_period=asha["grace_period"],
+        reduction_factor=asha["reduction_factor"],
+    )
+    res = space.resources
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, setup=setup),
+        {"cpu": res["cpus_per_trial"], "gpu": res["gpus_per_trial"]},
+    )
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=OBJECTIVE,
+            mode="max",
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=search["num_trials"],
+            max_concurrent_trials=search["max_concurrent"],
+        ),
+        run_config=tune.RunConfig(
+            name=exp_dir.name,
+            storage_path=str(exp_dir.parent),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=1,
+        ),
+    )
+    return tuner.fit()
+
+
+def trial_status(result: Any, max_epochs: int) -> str:
+    if result.error is not None:
+        return "ERROR"
+    epoch = (result.metrics or {}).get("epoch", 0)
+    return "COMPLETE" if epoch >= max_epochs else "STOPPED"
+
+
+def leaderboard_rows(results: Any, space: Any) -> list[dict[str, Any]]:
+    """One row per trial: config, best validation metrics (at its best epoch), epochs run."""
+    rows = []
+    for result in results:
+        df = result.metrics_dataframe
+        row: dict[str, Any] = {
+            "trial_id": (result.metrics or {}).get("trial_id", Path(result.path).name),
+            "status": trial_status(result, space.max_epochs),
+            "config": json.dumps(result.config, sort_keys=True),
+        }
+        if df is not None and OBJECTIVE in df and len(df):
+            best = df.loc[df[OBJECTIVE].idxmax()]
+            row.update({k: float(best[k]) for k in df.columns
+                        if k.startswith("val_") and k != "val_model"})
+            row["best_epoch"] = int(best["epoch"])
+            row["epochs"] = int(df["epoch"].max())
+        if result.error is not None:
+            row["error"] = str(result.error).strip().splitlines()[-1][:300]
+        rows.append(row)
+    rows.sort(key=lambda r: -r.get(OBJECTIVE, float("-inf")))
+    return rows
+
+
+def write_outputs(results: Any, space: Any, setup: Any, exp_dir: Path, args: Any,
+                  data_dir: Path) -> list[dict[str, Any]]:
+    """Per-epoch metrics (Parquet), leaderboard (CSV), best config (YAML), search.json."""
+    import pandas as pd
+
+    from tuner.space import to_yaml
+
+    frames = []
+    for result in results:
+        df = result.metrics_dataframe
+        if df is not None and len(df):
+            df = df.copy()
+            df["trial_status"] = trial_status(result, space.max_epochs)
+            for section, values in result.config.items():
+                for key, value in (values or {}).items():
+                    df[f"config/{section}/{key}"] = value
+            frames.append(df)
+    if frames:
+        pd.concat(frames, ignore_index=True).to_parquet(exp_dir / "trials.parquet")
+    rows = leaderboard_rows(results, space)
+    pd.DataFrame(rows).to_csv(exp_dir / "leaderboard.csv", index=False)
+    best = best_result(results)
+    if best is not None:
+        (exp_dir / "best_config.yaml").write_text(
+            f"# best trial {best.metrics.get('trial_id')} of {exp_dir.name}; reuse with\n"
+            f"# python -m tuner.search --method {space.method} --space {exp_dir / 'best_config.yaml'}\n"
+            + to_yaml(space.fixed_config(best.config)))
+    import ray
+
+    (exp_dir / "search.json").write_text(json.dumps({
+        "argv": sys.argv, "method": space.method, "space_file": space.path,
+        "data_dir": str(data_dir), "view": setup.view.name, "ray": ray.__version__,
+        "trials": len(rows),
+    }, indent=1))
+    return rows
+
+
+def best_result(results: Any) -> Any:
+    """The non-failed trial with the highest best validation mAP (never test)."""
+    best, score = None, float("-inf")
+    for result in results:
+        if result.error is None and result.checkpoint is not None and result.metrics:
+            value = result.metrics.get("best_val_mAP", float("-inf"))
+            if value > score:
+                best, score = result, value
+    return best
+
+
+def score_test(result: Any, setup: Any, space: Any) -> dict[str, float]:
+    """Score the chosen trial's best weights on the test split, once, on the cluster."""
+    import ray
+
+    from tuner.trainable import evaluate_checkpoint
+
+    res = space.resources
+    task = ray.remote(evaluate_checkpoint).options(
+        num_cpus=res["cpus_per_trial"], num_gpus=res["gpus_per_trial"])
+    return ray.get(task.remote(result.checkpoint, result.config, setup, "test"))
+
+
+def _fmt_metrics(metrics: Mapping[str, float]) -> str:
+    keys = [k for k in ("mAP", "mAP_head", "mAP_medium", "mAP_tail", "CF1", "OF1") if k in metrics]
+    return ", ".join(f"{k} {metrics[k]:.2f}" for k in keys)
+
+
+def format_leaderboard(rows: list[dict[str, Any]], top: int = 20) -> str:
+    """A fixed-width text table of the best trials."""
+    head = f"{'trial':<14}{'status':<10}{'val mAP':>8}{'head':>7}{'med':>7}{'tail':>7}{'ep':>4}  config"
+    lines = ["", "Leaderboard (validation split)", head, "-" * len(head)]
+    for row in rows[:top]:
+        cfg = json.loads(row["config"])
+        flat = ", ".join(f"{k}={_short(v)}" for sec in cfg.values() for k, v in (sec or {}).items())
+        lines.append(
+            f"{str(row['trial_id'])[:13]:<14}{row['status']:<10}"
+            f"{row.get('val_mAP', float('nan')):>8.2f}{row.get('val_mAP_head', float('nan')):>7.2f}"
+            f"{row.get('val_mAP_medium', float('nan')):>7.2f}{row.get('val_mAP_tail', float('nan')):>7.2f}"
+            f"{row.get('epochs', 0):>4}  {flat}" + (f"  [{row['error']}]" if row.get("error") else ""))
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
