@@ -48,6 +48,7 @@ SECTIONS = {
     "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "data_cpus": 1},
 }
 BUDGET_NAMES = ("max_epochs",)
+_INVALID = object()  # placeholder of a domain that failed to parse (already reported)
 
 
 @dataclass(frozen=True)
@@ -139,20 +140,20 @@ def _parse_domain(value: Any, where: str, problems: list[str]) -> Any:
     if len(keys) != 1 or next(iter(keys)) not in DOMAINS:
         problems.append(f"{where}: a domain is one of {list(DOMAINS)} (+ optional `below`), "
                         f"got keys {sorted(value)}")
-        return None
+        return _INVALID
     kind = keys.pop()
     args = value[kind]
     if not isinstance(args, list) or not args:
         problems.append(f"{where}: `{kind}` takes a non-empty list, got {args!r}")
-        return None
+        return _INVALID
     if kind != "choice":
         problem = _bounds_problem(kind, args)
         if problem:
             problems.append(f"{where}: {problem}")
-            return None
+            return _INVALID
     if "below" in value and kind != "choice":
         problems.append(f"{where}: `below` applies to `choice` only; use a named bound instead")
-        return None
+        return _INVALID
     return Domain(kind, tuple(args), value.get("below"))
 
 
@@ -179,6 +180,9 @@ def _check_against(
     specs = cls.field_specs()
     for key, value in values.items():
         where = f"{section}.{key}"
+        if value is _INVALID:
+            known.add(key)
+            continue
         if key not in specs:
             problems.append(f"{where}: unknown key; valid keys are {sorted(specs)}")
             continue
@@ -226,7 +230,8 @@ def _check_settings(space: dict[str, dict[str, Any]], problems: list[str]) -> No
     for where, value, low in ints:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             problems.append(f"{where}: must be an integer >= {low}, got {value!r}")
-    if not problems and asha["grace_period"] > asha["max_epochs"]:
+    budget = (asha["grace_period"], asha["max_epochs"])
+    if all(isinstance(v, int) for v in budget) and budget[0] > budget[1]:
         problems.append(f"asha.grace_period: must be <= max_epochs={asha['max_epochs']}, "
                         f"got {asha['grace_period']}")
     for key in ("cpus_per_trial", "gpus_per_trial", "data_cpus"):

@@ -1,0 +1,419 @@
+"""The data layer: DigitsMLT preparation, manifest and checksums, Ray Data read-back, views.
+
+The prepared directory comes from the session fixture ``digits_dir`` (tests/conftest.py);
+tests that modify a directory work on a ``shutil.copytree`` copy of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from scipy import stats
+
+import tuner.prepare
+from tuner.data.corruption import ViewSpec, drop_positives, make_view
+from tuner.data.manifest import SPLITS
+from tuner.data.prepared import PreparedData, prepare_digits
+from tuner.data.stream import configure_data_context, iter_train_batches, load_split, train_dataset
+from tuner.errors import ChecksumError, ConfigError, DataError
+
+NUM_CLASSES = 10
+IMAGE_SIZE = 48
+
+
+# ---------------------------------------------------------------- helpers
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def split_labels(data_dir: Path, split: str) -> tuple[list[str], np.ndarray]:
+    """Image ids and ``(N, C)`` labels of a split, read straight from labels/true.parquet."""
+    table = pq.read_table(data_dir / "labels" / "true.parquet").to_pydict()
+    rows = [i for i, s in enumerate(table["split"]) if s == split]
+    ids = [table["image_id"][i] for i in rows]
+    labels = np.array([table["labels"][i] for i in rows], dtype=np.int64).reshape(-1, NUM_CLASSES)
+    return ids, labels
+
+
+def copy_prepared(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def coco_like_labels(
+    rng: np.random.Generator, n: int = 4000, c: int = 40, k_range: tuple[int, int] = (3, 5)
+) -> np.ndarray:
+    """``(n, c)`` 0/1 labels with a long-tailed class frequency and ``k_range`` positives per row."""
+    weights = 1.0 / np.arange(1, c + 1) ** 0.8
+    weights /= weights.sum()
+    labels = np.zeros((n, c), dtype=np.uint8)
+    for i, k in enumerate(rng.integers(k_range[0], k_range[1] + 1, size=n)):
+        labels[i, rng.choice(c, size=k, replace=False, p=weights)] = 1
+    return labels
+
+
+def keep_one_moments(k: np.ndarray, drop: float) -> tuple[float, float]:
+    """Mean and variance of the total kept positives under "drop w.p. ``drop``, keep >= 1".
+
+    Per image with k positives the kept count is B ~ Binomial(k, 1 - drop), replaced by 1
+    when B == 0 (exact moments from the binomial pmf).
+    """
+    mean = var = 0.0
+    for kk, n_images in zip(*np.unique(k[k > 0], return_counts=True)):
+        b = np.arange(kk + 1)
+        pmf = stats.binom.pmf(b, kk, 1.0 - drop)
+        kept = np.where(b == 0, 1, b)
+        m1 = float((kept * pmf).sum())
+        m2 = float((kept**2 * pmf).sum())
+        mean += n_images * m1
+        var += n_images * (m2 - m1**2)
+    return mean, var
+
+
+# ---------------------------------------------------------------- prepare + manifest
+def test_manifest_matches_files(digits_dir: Path) -> None:
+    manifest = read_json(digits_dir / "manifest.json")
+    assert manifest["num_classes"] == NUM_CLASSES
+    assert len(manifest["splits"]["train"]["shards"]) > 1
+    for split in SPLITS:
+        entry = manifest["splits"][split]
+        ids, labels = split_labels(digits_dir, split)
+        assert entry["num_images"] == len(ids) > 0
+        assert manifest["class_counts"][split] == labels.sum(0).tolist()
+        per_image = labels.sum(1)
+        assert per_image.min() >= 1 and per_image.max() <= 4, split
+        # shards, read in manifest order, hold the split's rows in label-table order
+        shard_ids, shard_index = [], []
+        for rel in entry["shards"]:
+            table = pq.read_table(digits_dir / rel, columns=["index", "image_id"])
+            shard_ids += table.column("image_id").to_pylist()
+            shard_index += table.column("index").to_pylist()
+        assert shard_ids == ids
+        assert shard_index == list(range(len(ids)))
+
+
+def test_train_split_is_long_tailed_and_eval_splits_balanced(digits_dir: Path) -> None:
+    manifest = read_json(digits_dir / "manifest.json")
+    train = np.array(manifest["class_counts"]["train"])
+    assert train.min() > 0
+    assert 50 <= train.max() / train.min() <= 100
+    for split in ("val", "test"):
+        counts = np.array(manifest["class_counts"][split])
+        assert counts.min() > 0 and counts.max() / counts.min() < 2, (split, counts)
+
+
+def test_groups_partition_classes_by_thresholds(digits_dir: Path) -> None:
+    manifest = read_json(digits_dir / "manifest.json")
+    groups = manifest["groups"]
+    members = sorted(c for name in ("head", "medium", "tail") for c in groups[name])
+    assert members == list(range(NUM_CLASSES))
+    counts = manifest["class_counts"]["train"]
+    head_min = manifest["group_thresholds"]["head_min"]
+    tail_below = manifest["group_thresholds"]["tail_below"]
+    assert tail_below < head_min
+    assert groups["head"] == [c for c in range(NUM_CLASSES) if counts[c] >= head_min]
+    assert groups["tail"] == [c for c in range(NUM_CLASSES) if counts[c] < tail_below]
+    assert all(groups[name] for name in ("head", "medium", "tail")), groups
+
+
+def test_checksums_cover_and_match_every_file(digits_dir: Path) -> None:
+    manifest = read_json(digits_dir / "manifest.json")
+    shards = [rel for split in SPLITS for rel in manifest["splits"][split]["shards"]]
+    assert set(manifest["checksums"]) == set(shards) | {manifest["labels"]}
+    on_disk = {str(p.relative_to(digits_dir)) for p in (digits_dir / "images").iterdir()}
+    assert on_disk == set(shards)
+    for rel, expected in manifest["checksums"].items():
+        assert hashlib.sha256((digits_dir / rel).read_bytes()).hexdigest() == expected, rel
+    PreparedData(digits_dir).verify()  # the platform's own check agrees
+
+
+# ---------------------------------------------------------------- read-back
+def test_ray_data_epoch_yields_every_train_image_once(digits_dir: Path, ray_local: None) -> None:
+    data = PreparedData(digits_dir)
+    num_train = data.manifest["splits"]["train"]["num_images"]
+    configure_data_context(1)
+    ds = train_dataset(data.shard_files("train"), IMAGE_SIZE, "shift")
+    seen = []
+    for batch in iter_train_batches(ds, 32):
+        images, index = batch["image"], batch["index"]
+        assert images.dtype == torch.uint8
+        assert images.shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE)
+        assert 1 <= images.shape[0] <= 32
+        assert index.shape == (images.shape[0],)
+        assert images.amax() > 0  # decoded digits, not blank canvases
+        seen.append(index.numpy())
+    seen = np.concatenate(seen)
+    assert len(seen) == num_train
+    np.testing.assert_array_equal(np.sort(seen), np.arange(num_train))
+
+
+def test_load_split_returns_val_in_order(digits_dir: Path) -> None:
+    data = PreparedData(digits_dir)
+    num_val = data.manifest["splits"]["val"]["num_images"]
+    images, index = load_split(data.shard_files("val"), IMAGE_SIZE)
+    assert images.dtype == torch.uint8
+    assert images.shape == (num_val, 3, IMAGE_SIZE, IMAGE_SIZE)
+    np.testing.assert_array_equal(index.numpy(), np.arange(num_val))
+    # grey PNGs decode to three equal channels
+    torch.testing.assert_close(images[:, 0], images[:, 1])
+    torch.testing.assert_close(images[:, 0], images[:, 2])
+
+
+# ---------------------------------------------------------------- disjoint sources
+def test_splits_use_disjoint_source_digits(digits_dir: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    targets = load_digits().target
+    sources = read_json(digits_dir / "manifest.json")["build"]["sources"]
+    pools = {}
+    for split in SPLITS:
+        _, labels = split_labels(digits_dir, split)
+        assert len(sources[split]) == len(labels)
+        for row, srcs in zip(labels, sources[split]):
+            assert len(srcs) == row.sum()
+            # each source digit shows one of the image's labels, one per class
+            assert sorted(int(targets[s]) for s in srcs) == np.flatnonzero(row).tolist()
+        pools[split] = {s for srcs in sources[split] for s in srcs}
+    assert pools["train"].isdisjoint(pools["val"])
+    assert pools["train"].isdisjoint(pools["test"])
+    assert pools["val"].isdisjoint(pools["test"])
+
+
+# ---------------------------------------------------------------- corruption refused
+def flip_byte(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_corrupted_shard_is_refused_by_name(digits_dir: Path, tmp_path: Path) -> None:
+    copy = copy_prepared(digits_dir, tmp_path)
+    rel = read_json(copy / "manifest.json")["splits"]["train"]["shards"][1]
+    flip_byte(copy / rel)
+    data = PreparedData(copy)
+    with pytest.raises(ChecksumError) as info:
+        data.verify()
+    assert str(copy / rel) in str(info.value)
+    data.verify(splits=("val", "test"))  # the other splits are still fine
+
+
+def test_verify_cli_reports_corruption_in_one_line(
+    digits_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = copy_prepared(digits_dir, tmp_path)
+    assert tuner.prepare.main(["--verify", str(copy)]) == 0
+    capsys.readouterr()
+    rel = read_json(copy / "manifest.json")["splits"]["train"]["shards"][0]
+    flip_byte(copy / rel)
+    assert tuner.prepare.main(["--verify", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert err.count("\n") == 1 and err.endswith("\n")
+    assert Path(rel).name in err
+
+
+def test_foreign_schema_version_is_refused(digits_dir: Path, tmp_path: Path) -> None:
+    copy = copy_prepared(digits_dir, tmp_path)
+    manifest = read_json(copy / "manifest.json")
+    manifest["schema_version"] = manifest["schema_version"] + 1000
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="schema"):
+        PreparedData(copy)
+
+
+def test_missing_manifest_says_how_to_prepare(digits_dir: Path, tmp_path: Path) -> None:
+    copy = copy_prepared(digits_dir, tmp_path)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(DataError, match="tuner.prepare"):
+        PreparedData(copy)
+
+
+# ---------------------------------------------------------------- corruption generators
+def test_candidate_view_adds_rho_of_negatives() -> None:
+    rho = 0.3
+    labels = coco_like_labels(np.random.default_rng(1))
+    observed, info = make_view(labels, ViewSpec("candidate", rho, seed=3))
+    assert observed.dtype == np.uint8 and observed.shape == labels.shape
+    assert np.all(observed[labels == 1] == 1)  # every true positive kept
+    negatives = int((labels == 0).sum())
+    added = int(((observed == 1) & (labels == 0)).sum())
+    std = np.sqrt(negatives * rho * (1 - rho))
+    assert abs(added - rho * negatives) < 5 * std, (added, rho * negatives, std)
+    assert info["kept_positive_share"] == 1.0
+    assert info["labels_per_image"] == pytest.approx(observed.sum(1).mean())
+
+
+def test_missing_view_keeps_one_minus_q_of_positives() -> None:
+    q = 0.6
+    labels = coco_like_labels(np.random.default_rng(2))
+    observed, info = make_view(labels, ViewSpec("missing", q, seed=4))
+    assert observed.dtype == np.uint8 and observed.shape == labels.shape
+    assert np.all(observed <= labels)  # only true positives survive
+    assert observed.sum(1).min() >= 1  # every image keeps at least one
+    k = labels.sum(1).astype(np.int64)
+    drop = info["drop_probability"]
+    assert drop >= q  # the keep-one rule only adds back, so calibration drops more
+    mean, var = keep_one_moments(k, drop)
+    assert mean / k.sum() == pytest.approx(1 - q, abs=1e-6)  # calibrated in expectation
+    kept = int(observed.sum())
+    assert abs(kept - mean) < 5 * np.sqrt(var), (kept, mean, np.sqrt(var))
+    assert info["kept_positive_share"] == pytest.approx(kept / k.sum())
+
+
+def test_missing_view_never_empties_a_labelled_image() -> None:
+    labels = coco_like_labels(np.random.default_rng(5), n=2000, c=20, k_range=(1, 2))
+    labels[:50] = 0  # images without labels stay without labels
+    observed, _ = make_view(labels, ViewSpec("missing", 0.3, seed=0))
+    assert np.all(observed <= labels)
+    np.testing.assert_array_equal(observed.sum(1) >= 1, labels.sum(1) >= 1)
+
+
+@pytest.mark.parametrize("spec", [ViewSpec("missing", 0.6, 7), ViewSpec("candidate", 0.3, 7)])
+def test_views_are_deterministic_per_seed(spec: ViewSpec) -> None:
+    labels = coco_like_labels(np.random.default_rng(6), n=1000)
+    first, _ = make_view(labels, spec)
+    again, _ = make_view(labels, ViewSpec(spec.kind, spec.rate, spec.seed))
+    np.testing.assert_array_equal(first, again)
+    other, _ = make_view(labels, ViewSpec(spec.kind, spec.rate, spec.seed + 1))
+    assert not np.array_equal(first, other)
+
+
+def test_clean_view_is_a_copy() -> None:
+    labels = coco_like_labels(np.random.default_rng(8), n=200)
+    observed, info = make_view(labels, ViewSpec())
+    np.testing.assert_array_equal(observed, labels)
+    observed[:] = 0
+    assert labels.sum() > 0
+    assert info["kept_positive_share"] == 1.0
+
+
+@pytest.mark.parametrize("q", [0.3, 0.6])
+def test_uncalibrated_drop_uses_q_per_label(q: float) -> None:
+    labels = coco_like_labels(np.random.default_rng(9), k_range=(1, 5))
+    k = labels.sum(1).astype(np.int64)
+    observed, drop = drop_positives(labels, q, np.random.default_rng(10), calibrate=False)
+    assert drop == q
+    assert np.all(observed <= labels) and observed.sum(1).min() >= 1
+    expected = float((k * (1 - q) + q**k).sum())
+    mean, var = keep_one_moments(k, q)
+    assert mean == pytest.approx(expected)
+    kept = int(observed.sum())
+    assert abs(kept - expected) < 5 * np.sqrt(var), (kept, expected, np.sqrt(var))
+    # the keep-one rule makes the literal q keep more than 1 - q
+    assert expected / k.sum() > 1 - q
+
+
+@pytest.mark.parametrize("k_range", [(1, 1), (1, 2)])
+def test_unreachable_missing_rate_warns_and_keeps_one_label(k_range: tuple[int, int]) -> None:
+    labels = coco_like_labels(np.random.default_rng(11), n=500, c=12, k_range=k_range)
+    with pytest.warns(UserWarning, match="unreachable"):
+        observed, info = make_view(labels, ViewSpec("missing", 0.9, seed=0))
+    assert info["drop_probability"] == 1.0
+    assert np.all(observed <= labels)
+    np.testing.assert_array_equal(observed.sum(1), np.ones(len(labels)))
+
+
+def test_reachable_missing_rate_does_not_warn() -> None:
+    labels = coco_like_labels(np.random.default_rng(12), n=500)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_view(labels, ViewSpec("missing", 0.6, seed=0))
+
+
+@pytest.mark.parametrize(
+    ("kind", "rate"),
+    [
+        ("noisy", 0.2),
+        ("missing", -0.1),
+        ("missing", 1.0),
+        ("candidate", 1.5),
+        ("candidate", float("nan")),
+        ("clean", 0.3),
+    ],
+)
+def test_viewspec_rejects_bad_values(kind: str, rate: float) -> None:
+    with pytest.raises(ConfigError):
+        ViewSpec(kind, rate, 0)
+
+
+def test_view_names_are_distinct() -> None:
+    specs = [
+        ViewSpec(),
+        ViewSpec("missing", 0.6, 0),
+        ViewSpec("missing", 0.6, 1),
+        ViewSpec("missing", 0.5, 0),
+        ViewSpec("candidate", 0.6, 0),
+    ]
+    assert len({s.name for s in specs}) == len(specs)
+
+
+# ---------------------------------------------------------------- cached views
+def test_view_is_written_once_and_recorded(digits_dir: Path, tmp_path: Path) -> None:
+    copy = copy_prepared(digits_dir, tmp_path)
+    # q = 0.4: DigitsMLT has few labels per image, so q = 0.6 is past the keep-one floor
+    spec = ViewSpec("missing", 0.4, 0)
+    data = PreparedData(copy)
+    entry = data.ensure_view(spec)
+    path = copy / entry["file"]
+    assert path.is_file()
+    sentinel = 1_000_000_000_123_456_789
+    os.utime(path, ns=(sentinel, sentinel))
+    assert data.ensure_view(spec) == entry
+    assert PreparedData(copy).ensure_view(spec) == entry  # a fresh reader finds it on disk
+    assert path.stat().st_mtime_ns == sentinel  # neither call rewrote the file
+
+    manifest = read_json(copy / "manifest.json")
+    recorded = manifest["views"][spec.name]
+    assert manifest["checksums"][entry["file"]] == hashlib.sha256(path.read_bytes()).hexdigest()
+    _, true = split_labels(copy, "train")
+    observed = data.view_labels(spec)
+    np.testing.assert_array_equal(observed, data.view_labels(spec))
+    np.testing.assert_array_equal(observed, PreparedData(copy).view_labels(spec))
+    assert observed.shape == true.shape
+    assert np.all(observed <= true) and observed.sum(1).min() >= 1
+    assert recorded["class_counts"] == observed.sum(0).tolist()
+    share = (observed.astype(np.int64) & true).sum() / true.sum()
+    assert recorded["kept_positive_share"] == pytest.approx(share)
+    mean, var = keep_one_moments(true.sum(1), recorded["drop_probability"])
+    assert mean / true.sum() == pytest.approx(1 - spec.rate, abs=1e-6)
+    assert abs(observed.sum() - mean) < 5 * np.sqrt(var)
+    assert data.class_counts(spec) == recorded["class_counts"]
+    PreparedData(copy).verify()  # the view's checksum is checked too
+
+
+def test_clean_view_reads_true_labels_without_a_file(digits_dir: Path) -> None:
+    data = PreparedData(digits_dir)
+    _, true = split_labels(digits_dir, "train")
+    np.testing.assert_array_equal(data.view_labels(ViewSpec()), true)
+    assert data.class_counts(ViewSpec()) == true.sum(0).tolist()
+
+
+# ---------------------------------------------------------------- build determinism
+def image_column(data_dir: Path, rel: str) -> list[bytes]:
+    return pq.read_table(data_dir / rel, columns=["image"]).column("image").to_pylist()
+
+
+def test_build_is_deterministic_per_seed(digits_dir: Path, tmp_path: Path) -> None:
+    same = tmp_path / "same"
+    other = tmp_path / "other"
+    prepare_digits(same, seed=0, progress=False)
+    prepare_digits(other, seed=1, progress=False)
+    base_labels = pq.read_table(digits_dir / "labels" / "true.parquet")
+    assert pq.read_table(same / "labels" / "true.parquet").equals(base_labels)
+    assert not pq.read_table(other / "labels" / "true.parquet").equals(base_labels)
+    base = read_json(digits_dir / "manifest.json")
+    rel = base["splits"]["train"]["shards"][0]
+    assert read_json(same / "manifest.json")["splits"]["train"]["shards"][0] == rel
+    assert image_column(same, rel) == image_column(digits_dir, rel)
+    assert image_column(other, rel) != image_column(digits_dir, rel)

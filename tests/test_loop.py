@@ -1,0 +1,137 @@
+"""The shared training loop without Ray: reporting, exact resume, NaN guard, best weights."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import methods
+from methods.base import Method, MethodParams, TaskInfo
+from tuner.backbones import build_model
+from tuner.errors import NonFiniteLossError
+from tuner.loop import TrainConfig, TrainData, fit, lr_factor
+
+N, C, S = 48, 4, 16
+
+
+def _data(seed: int = 0) -> TrainData:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (N, 3, S, S), dtype=torch.uint8, generator=g)
+    labels = (torch.rand(N, C, generator=g) < 0.4).float()
+    labels[:, 0] = (images[:, 0].float().mean((1, 2)) > 127).float()  # a learnable class
+
+    def batches(epoch: int):
+        order = torch.randperm(N, generator=torch.Generator().manual_seed(100 + epoch))
+        for start in range(0, N, 16):
+            idx = order[start : start + 16]
+            yield {"image": images[idx], "index": idx}
+
+    return TrainData(batches, labels, steps_per_epoch=3, val_images=images,
+                     val_targets=labels.numpy().astype(np.uint8),
+                     groups={"head": [0, 1], "medium": [2], "tail": [3]})
+
+
+def _task() -> TaskInfo:
+    return TaskInfo(num_classes=C, num_train=N, class_counts=(20, 15, 10, 5), max_epochs=3)
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = {"image_size": S, "batch_size": 16, "max_epochs": 3, "lr": 3e-3, "ema_decay": 0.9}
+    return TrainConfig.from_dict({**base, **kw})
+
+
+def _run(method_name: str, cfg: TrainConfig, resume=None, stop_after: int | None = None):
+    reports: list[tuple[dict, dict]] = []
+
+    class Stop(Exception):
+        pass
+
+    def report(metrics, state):
+        reports.append((metrics, copy.deepcopy(state)))
+        if stop_after is not None and metrics["epoch"] >= stop_after:
+            raise Stop
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", C)
+    method = methods.create_method(method_name, {}, _task())
+    try:
+        fit(method, model, cfg, _data(), report, resume=resume, device=torch.device("cpu"))
+    except Stop:
+        pass
+    return reports
+
+
+def test_reports_every_epoch_with_explicit_epoch_and_metrics() -> None:
+    reports = _run("bce", _cfg())
+    assert [m["epoch"] for m, _ in reports] == [1, 2, 3]
+    for metrics, state in reports:
+        for key in ("val_mAP", "val_mAP_head", "val_mAP_tail", "val_CF1", "val_OF1",
+                    "train_loss", "best_val_mAP"):
+            assert math.isfinite(metrics[key]), key
+        assert metrics["best_val_mAP"] == max(m["val_mAP"] for m, _ in reports[: metrics["epoch"]])
+        assert state["epoch"] == metrics["epoch"]
+        assert set(state) >= {"model", "step", "method", "rng", "best"}
+
+
+@pytest.mark.parametrize("name", ["splc", "hill"])
+def test_resume_continues_exactly(name: str) -> None:
+    full = _run(name, _cfg())
+    first = _run(name, _cfg(), stop_after=1)
+    resumed = _run(name, _cfg(), resume=first[-1][1])
+    assert [m["epoch"] for m, _ in resumed] == [2, 3]
+    for (a, sa), (b, sb) in zip(full[1:], resumed):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_mAP"] == pytest.approx(b["val_mAP"], rel=1e-5)
+    for key, value in full[-1][1]["model"].items():
+        torch.testing.assert_close(value, resumed[-1][1]["model"][key])
+
+
+def test_best_weights_are_the_best_validation_epoch() -> None:
+    reports = _run("bce", _cfg())
+    best = reports[-1][1]["best"]
+    scores = [m["val_mAP"] for m, _ in reports]
+    assert best["epoch"] == int(np.argmax(scores)) + 1
+    assert best["val_mAP"] == max(scores)
+
+
+class _NanParams(MethodParams):
+    pass
+
+
+class _NanMethod(Method):
+    name = "nan-test"
+    Params = _NanParams
+
+    def loss(self, logits, batch):
+        return logits.sum() * float("nan")
+
+
+def test_non_finite_loss_stops_with_a_reason() -> None:
+    method = _NanMethod(_NanParams(), _task())
+    with pytest.raises(NonFiniteLossError, match="nan-test: training loss became nan at epoch 1"):
+        fit(method, build_model("small_cnn", C), _cfg(), _data(), lambda m, s: None,
+            device=torch.device("cpu"))
+
+
+def test_schedule_is_defined_on_the_full_budget() -> None:
+    cfg = _cfg(warmup_frac=0.2)
+    total = 100
+    factors = [lr_factor(s, total, cfg) for s in range(total + 1)]
+    assert factors[0] == pytest.approx(0.04)
+    assert max(factors) == pytest.approx(1.0, abs=1e-2)
+    assert int(np.argmax(factors)) == 20
+    assert factors[-1] == pytest.approx(0.0, abs=1e-6)
+    assert lr_factor(50, total, _cfg(schedule="constant")) == 1.0
+
+
+def test_train_config_validation_names_the_field() -> None:
+    from tuner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="lr must be in"):
+        TrainConfig(lr=0.0)
+    with pytest.raises(ConfigError, match="backbone must be one of"):
+        TrainConfig(backbone="vgg")
