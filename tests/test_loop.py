@@ -83,7 +83,7 @@ def test_resume_continues_exactly(name: str) -> None:
     first = _run(name, _cfg(), stop_after=1)
     resumed = _run(name, _cfg(), resume=first[-1][1])
     assert [m["epoch"] for m, _ in resumed] == [2, 3]
-    for (a, sa), (b, sb) in zip(full[1:], resumed):
+    for (a, _), (b, _) in zip(full[1:], resumed):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_mAP"] == pytest.approx(b["val_mAP"], rel=1e-5)
     for key, value in full[-1][1]["model"].items():
