@@ -99,7 +99,11 @@ def load_trunk_weights(model: Classifier, path: str | Path) -> None:
             renamed[f"{_TORCHVISION_ORDER.index(head)}.{rest}"] = value
         else:
             renamed[key] = value
-    missing, unexpected = model.trunk.load_state_dict(renamed, strict=False)
+    try:
+        missing, unexpected = model.trunk.load_state_dict(renamed, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise ConfigError(f"weights {path} do not fit the backbone: {first}") from None
     if missing or unexpected:
         raise ConfigError(
             f"weights {path} do not fit the backbone: {len(missing)} missing keys "

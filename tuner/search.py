@@ -91,9 +91,10 @@ def start_ray(args: argparse.Namespace, space: Any) -> None:
         ray.init(address=args.address)
         return
     num_cpus = local_cpus(space, args.num_cpus)
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
-    print(f"local Ray cluster: {num_cpus} logical CPUs; dashboard at "
-          f"http://{ray.get_runtime_context().gcs_address.split(':')[0]}:8265")
+    context = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+    url = getattr(context, "dashboard_url", None)
+    print(f"local Ray cluster: {num_cpus} logical CPUs"
+          + (f"; dashboard at http://{url}" if url else ""))
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -144,6 +145,7 @@ def prepare_data(space: Any) -> tuple[Path, Any]:
         cpus_per_trial=float(res["cpus_per_trial"]),
         data_cpus=float(res["data_cpus"]),
         groups=data.groups(),
+        stats_from_clean=space.data["class_stats"] == "clean",
     )
     return data_dir, setup
 

@@ -40,7 +40,7 @@ DOMAINS = ("uniform", "loguniform", "randint", "choice")
 SECTIONS = {
     "method": None,
     "data": {"benchmark": "digits-mlt", "data_dir": None, "label_regime": "clean", "rate": 0.0,
-             "seed": 0},
+             "seed": 0, "class_stats": "observed"},
     "train": None,
     "params": None,
     "asha": {"max_epochs": 6, "grace_period": 2, "reduction_factor": 2},
@@ -240,6 +240,9 @@ def _check_settings(space: dict[str, dict[str, Any]], problems: list[str]) -> No
             problems.append(f"resources.{key}: must be a number >= 0, got {value!r}")
     if isinstance(res["cpus_per_trial"], (int, float)) and res["cpus_per_trial"] <= 0:
         problems.append("resources.cpus_per_trial: must be > 0 (a trial needs a CPU slot)")
+    if space["data"]["class_stats"] not in ("observed", "clean"):
+        problems.append(f"data.class_stats: must be observed or clean, "
+                        f"got {space['data']['class_stats']!r}")
     try:
         ViewSpec(space["data"]["label_regime"], float(space["data"]["rate"] or 0.0),
                  int(space["data"]["seed"]))

@@ -40,6 +40,7 @@ class TrialSetup:
     cpus_per_trial: float = 1.0
     data_cpus: float = 1.0
     groups: Mapping[str, list[int]] = field(default_factory=dict)
+    stats_from_clean: bool = False
 
 
 def train_config(config: Mapping[str, Any], setup: TrialSetup) -> TrainConfig:
@@ -47,12 +48,17 @@ def train_config(config: Mapping[str, Any], setup: TrialSetup) -> TrainConfig:
 
 
 def task_info(data: PreparedData, setup: TrialSetup, num_train: int) -> TaskInfo:
-    """Class counts and groups of the *observed* training labels (never the clean ones)."""
-    groups = data.groups(setup.view)
+    """Class counts and groups of the *observed* training labels.
+
+    The clean labels' statistics are used only when the space says ``data.class_stats:
+    clean`` (an oracle setting, as in some released code; never the default).
+    """
+    view = None if setup.stats_from_clean else setup.view
+    groups = data.groups(view)
     return TaskInfo(
         num_classes=data.num_classes,
         num_train=num_train,
-        class_counts=tuple(data.class_counts(setup.view)),
+        class_counts=tuple(data.class_counts(view)),
         max_epochs=setup.max_epochs,
         label_regime=setup.view.kind,
         groups={k: tuple(v) for k, v in groups.items()},
