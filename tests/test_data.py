@@ -142,6 +142,7 @@ def test_checksums_cover_and_match_every_file(digits_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------- read-back
+@pytest.mark.integration
 def test_ray_data_epoch_yields_every_train_image_once(digits_dir: Path, ray_local: None) -> None:
     data = PreparedData(digits_dir)
     num_train = data.manifest["splits"]["train"]["num_images"]

@@ -26,6 +26,12 @@ class ViewSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "rate", float(self.rate))
+            object.__setattr__(self, "seed", int(self.seed))
+        except (TypeError, ValueError):
+            raise ConfigError(f"label rate and seed must be numbers, got rate={self.rate!r}, "
+                              f"seed={self.seed!r}") from None
         if self.kind not in KINDS:
             raise ConfigError(f"label regime must be one of {list(KINDS)}, got {self.kind!r}")
         if not 0.0 <= float(self.rate) < 1.0:

@@ -84,9 +84,9 @@ def write_manifest(data_dir: str | os.PathLike[str], manifest: Mapping[str, Any]
 
 
 @contextlib.contextmanager
-def locked(data_dir: str | os.PathLike[str]) -> Iterator[None]:
-    """An exclusive advisory lock on the directory, for manifest read-modify-write."""
-    lock_path = Path(data_dir) / ".lock"
+def locked(data_dir: str | os.PathLike[str], name: str = ".lock") -> Iterator[None]:
+    """An exclusive advisory lock (file ``data_dir/name``), for read-modify-write."""
+    lock_path = Path(data_dir) / name
     with open(lock_path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:

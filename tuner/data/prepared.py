@@ -62,7 +62,8 @@ def ensure_prepared(benchmark: str, data_dir: str | Path | None, seed: int = 0) 
     if (path / "manifest.json").is_file():
         return path
     if benchmark in EMBEDDED:
-        with locked(_mkdir(path)):
+        # the lock lives beside the directory: building replaces the directory's content
+        with locked(_mkdir(path.parent), f".{path.name}.lock"):
             if not (path / "manifest.json").is_file():
                 _clear_partial(path)
                 prepare_digits(path, seed=seed, overwrite=True)

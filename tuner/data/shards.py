@@ -108,15 +108,15 @@ def write_benchmark(
 ) -> dict[str, Any]:
     """Write shards, the true-label table and the manifest; returns the manifest."""
     out = Path(out_dir)
+    missing = [s for s in SPLITS if s not in splits]
+    if missing:
+        raise DataError(f"benchmark {benchmark!r} lacks split(s) {missing}")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise DataError(f"{out} is not empty; pass --overwrite or choose another --out")
         shutil.rmtree(out)
     (out / "images").mkdir(parents=True)
     (out / "labels").mkdir()
-    missing = [s for s in SPLITS if s not in splits]
-    if missing:
-        raise DataError(f"benchmark {benchmark!r} lacks split(s) {missing}")
     total = sum(len(s.image_ids) for s in splits.values())
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
