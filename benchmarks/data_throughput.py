@@ -1,11 +1,25 @@
 """Images/s of the Ray Data training stream vs a plain torch DataLoader over the same shards.
 
 Both paths read the same Parquet shards and run the same decode + augmentation
-(:class:`tuner.data.stream.Decoder`) with the same number of CPUs for decoding, and hand
-``(B, 3, S, S)`` uint8 torch batches to the consumer. Epoch 1 (warm-up: worker start-up,
-imports) is reported separately; the ratio uses the steady-state epochs.
+(:class:`tuner.data.stream.Decoder`, ``"shift"``) in the same number of decode processes
+(``--cpus``), and hand ``(B, 3, S, S)`` uint8 torch batches with a shuffled order to the
+consumer, which only counts them:
 
-    python benchmarks/data_throughput.py                # DigitsMLT, 2 decode CPUs, 4 epochs
+* DataLoader: a map-style dataset over the shards' encoded bytes (read into memory once,
+  outside the timing), ``shuffle=True``, ``num_workers=--cpus`` persistent workers that decode
+  each batch in ``collate_fn``;
+* Ray Data: ``train_dataset`` + ``iter_train_batches`` exactly as a trial runs them, in a
+  local Ray started here with ``--cpus + 1`` logical CPUs and the data pipeline capped at
+  ``--cpus`` (``configure_data_context``). Ray is started before either path runs, so both
+  share the machine with Ray's idle system processes.
+
+Each path runs one warm-up epoch (worker start-up, imports; reported separately) and then
+``--epochs`` timed epochs; the two paths alternate ``--rounds`` times per image size and the
+best round of each counts, which damps other load on the machine. Also printed: CPU time of
+the whole process tree (driver, workers and Ray's own processes) per image, a measure that
+other load disturbs less than wall time.
+
+    python benchmarks/data_throughput.py --data-dir /tmp/dg           # 48 and 160 px
     python benchmarks/data_throughput.py --cpus 1 --image-size 224
 
 Target (issue 2): Ray Data >= 0.9x the DataLoader.
@@ -14,9 +28,11 @@ Target (issue 2): Ray Data >= 0.9x the DataLoader.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +60,8 @@ class ShardDataset(Dataset):
 
 
 class Collate:
+    """Decode + augment one batch in the DataLoader worker (the same Decoder as Ray Data)."""
+
     def __init__(self, decoder: Decoder) -> None:
         self.decoder = decoder
 
@@ -64,54 +82,105 @@ def replicate(files: list[str], times: int, root: Path) -> list[str]:
     return out
 
 
-def time_epochs(make_iter, epochs: int) -> list[tuple[int, float]]:
-    runs = []
-    for _ in range(epochs):
-        t0, n = time.perf_counter(), 0
-        for batch in make_iter():
+def tree_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live descendants (Linux ``/proc``)."""
+    stats = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            # after "pid (comm)": state ppid ... utime (14th field) stime (15th)
+            stats[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    tree, frontier = {os.getpid()}, [os.getpid()]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, (ppid, _) in stats.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    ticks = sum(stats[pid][1] for pid in tree if pid in stats)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class Run:
+    """Timed epochs of one path: (images, wall seconds, tree CPU seconds) per epoch."""
+
+    def __init__(self, make_iter: Callable[[], Iterable[dict[str, torch.Tensor]]]) -> None:
+        self.make_iter = make_iter
+        self.first: tuple[int, float, float] | None = None
+        self.rounds: list[list[tuple[int, float, float]]] = []
+
+    def epoch(self) -> tuple[int, float, float]:
+        c0, t0, n = tree_cpu_seconds(), time.perf_counter(), 0
+        for batch in self.make_iter():
             n += len(batch["index"])
-        runs.append((n, time.perf_counter() - t0))
-    return runs
+        return n, time.perf_counter() - t0, tree_cpu_seconds() - c0
+
+    def round(self, epochs: int) -> None:
+        if self.first is None:
+            self.first = self.epoch()
+        self.rounds.append([self.epoch() for _ in range(epochs)])
+
+    def best(self) -> tuple[float, float]:
+        """(images/s, CPU us/image) of the fastest round."""
+        sums = [tuple(map(sum, zip(*r))) for r in self.rounds]
+        n, wall, cpu = max(sums, key=lambda s: s[0] / s[1])
+        return n / wall, cpu / n * 1e6
+
+    def all_rates(self) -> str:
+        return " ".join(f"{sum(e[0] for e in r) / sum(e[1] for e in r):.0f}" for r in self.rounds)
 
 
-def rate(runs: list[tuple[int, float]]) -> float:
-    steady = runs[1:] or runs
-    return sum(n for n, _ in steady) / sum(t for _, t in steady)
+def bench_size(files: list[str], size: int, args: argparse.Namespace) -> tuple[Run, Run]:
+    decoder = Decoder(size, "shift")
+    loader = DataLoader(ShardDataset(files), batch_size=args.batch_size, shuffle=True,
+                        num_workers=args.cpus, collate_fn=Collate(decoder),
+                        persistent_workers=True, prefetch_factor=4)
+    ds = train_dataset(files, size, "shift", decode_batch_size=args.batch_size)
+    torch_run = Run(lambda: iter(loader))
+    ray_run = Run(lambda: iter_train_batches(ds, args.batch_size))
+    for _ in range(args.rounds):
+        torch_run.round(args.epochs)
+        ray_run.round(args.epochs)
+    torch_run.make_iter = ray_run.make_iter = None  # frees the loader: stops its workers
+    return torch_run, ray_run
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", help="prepared benchmark (default: DigitsMLT in a temp dir)")
     p.add_argument("--cpus", type=int, default=2, help="decode CPUs for both paths")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=3, help="timed epochs per round")
+    p.add_argument("--rounds", type=int, default=2, help="alternations of the two paths")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=48)
+    p.add_argument("--image-size", type=int, nargs="+", default=[48, 160])
     p.add_argument("--repeat", type=int, default=8, help="repeat the training shards N times")
     args = p.parse_args()
     tmp = tempfile.TemporaryDirectory()
     data_dir = Path(args.data_dir) if args.data_dir else ensure_prepared("digits-mlt", Path(tmp.name) / "d")
     files = replicate(PreparedData(data_dir).shard_files("train"), args.repeat, Path(tmp.name))
-    decoder = Decoder(args.image_size, "shift")
-
-    loader = DataLoader(ShardDataset(files), batch_size=args.batch_size, shuffle=True,
-                        num_workers=args.cpus, collate_fn=Collate(decoder),
-                        persistent_workers=True, prefetch_factor=4)
-    torch_runs = time_epochs(lambda: iter(loader), args.epochs)
 
     import ray
 
     ray.init(num_cpus=args.cpus + 1, include_dashboard=False, log_to_driver=False)
-    configure_data_context(args.cpus)
-    ds = train_dataset(files, args.image_size, "shift", decode_batch_size=args.batch_size)
-    ray_runs = time_epochs(lambda: iter_train_batches(ds, args.batch_size), args.epochs)
-    ray.shutdown()
+    try:
+        configure_data_context(args.cpus)
+        results = [(size, *bench_size(files, size, args)) for size in args.image_size]
+    finally:
+        ray.shutdown()
 
-    images = torch_runs[0][0]
-    print(f"{images} images/epoch, {args.epochs} epochs, {args.cpus} decode CPUs, "
-          f"{args.image_size}px")
-    print(f"torch DataLoader : {rate(torch_runs):8.0f} images/s (first epoch {torch_runs[0][1]:.2f}s)")
-    print(f"Ray Data stream  : {rate(ray_runs):8.0f} images/s (first epoch {ray_runs[0][1]:.2f}s)")
-    print(f"ratio Ray Data / DataLoader: {rate(ray_runs) / rate(torch_runs):.2f}x (target >= 0.9x)")
+    print(f"{results[0][1].first[0]} images/epoch, {args.cpus} decode CPUs, batch {args.batch_size}, "
+          f"best of {args.rounds} rounds x {args.epochs} epochs (load average now "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    for size, torch_run, ray_run in results:
+        (t_rate, t_cpu), (r_rate, r_cpu) = torch_run.best(), ray_run.best()
+        print(f"{size:4d}px torch DataLoader: {t_rate:7.0f} images/s  {t_cpu:5.0f} CPU us/image  "
+              f"first epoch {torch_run.first[1]:.2f}s  rounds [{torch_run.all_rates()}]")
+        print(f"{size:4d}px Ray Data stream : {r_rate:7.0f} images/s  {r_cpu:5.0f} CPU us/image  "
+              f"first epoch {ray_run.first[1]:.2f}s  rounds [{ray_run.all_rates()}]")
+        print(f"{size:4d}px ratio Ray Data / DataLoader: {r_rate / t_rate:.2f}x (target >= 0.9x)")
 
 
 if __name__ == "__main__":
