@@ -65,7 +65,6 @@ def ensure_prepared(benchmark: str, data_dir: str | Path | None, seed: int = 0) 
         # the lock lives beside the directory: building replaces the directory's content
         with locked(_mkdir(path.parent), f".{path.name}.lock"):
             if not (path / "manifest.json").is_file():
-                _clear_partial(path)
                 prepare_digits(path, seed=seed, overwrite=True)
         return path
     raise DataError(
@@ -77,15 +76,6 @@ def ensure_prepared(benchmark: str, data_dir: str | Path | None, seed: int = 0) 
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _clear_partial(path: Path) -> None:
-    for sub in ("images", "labels"):
-        target = path / sub
-        if target.exists():
-            import shutil
-
-            shutil.rmtree(target)
 
 
 class PreparedData:
