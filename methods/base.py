@@ -12,6 +12,20 @@ Batches are dicts of tensors:
 * ``target``: ``(B, C)`` float 0/1 *observed* training labels (after corruption);
 * ``index``: ``(B,)`` int64 row of each image in the training label table, which is sorted by
   image id (so per-sample state is keyed by image id, never by loader order).
+
+Beyond the loss, a method may (all optional, defaults are no-ops):
+
+* ``set_train_targets(targets)``: receive the full ``(N, C)`` observed label table once
+  before training (to initialise per-sample tables such as confidences);
+* ``configure_model(model)``: return the module to train (the backbone itself, or a wrapper
+  adding heads, memories, text encoders). The loop optimises, checkpoints, averages (EMA)
+  and evaluates the returned module;
+* ``lr_scale(param_name)``: a learning-rate multiplier per parameter of that module (e.g. a
+  faster classifier);
+* ``sample_weights(epoch)``: ``(N,)`` non-negative per-image weights; the epoch then draws N
+  images with replacement in proportion to them (class-aware / re-balanced samplers);
+* ``self.dist``: a :class:`Dist` set by the loop; with several data-parallel workers it
+  all-reduces tensors and merges per-sample tables (each worker sees a shard of the images).
 """
 
 from __future__ import annotations
@@ -31,6 +45,7 @@ Batch = dict[str, Tensor]
 
 __all__ = [
     "Batch",
+    "Dist",
     "Method",
     "MethodParams",
     "TaskInfo",
@@ -149,6 +164,40 @@ class MethodParams:
         return dataclasses.asdict(self)
 
 
+class Dist:
+    """Collective operations for method state; this base class is the single-process case.
+
+    With several data-parallel workers (``tuner.distributed``), each worker trains on its own
+    shard of the images, so a method must combine what it learned before using it globally:
+
+    * ``all_reduce_sum(t)``: the element-wise sum of ``t`` over workers (batch statistics,
+      counts, priors);
+    * ``all_reduce_mean(t)``: the mean over workers;
+    * ``merge_rows(table, touched)``: per-sample tables (confidences, corrected labels): each
+      row takes the value written by the worker(s) that touched it this epoch (averaged if
+      several did); untouched rows keep their value. ``touched`` is a ``(N,)`` bool mask.
+
+    Every worker must call the same collectives in the same order.
+    """
+
+    world_size: int = 1
+    rank: int = 0
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def all_reduce_mean(self, tensor: Tensor) -> Tensor:
+        return self.all_reduce_sum(tensor) / self.world_size
+
+    def merge_rows(self, table: Tensor, touched: Tensor) -> Tensor:
+        if self.world_size == 1:
+            return table
+        mask = touched.to(table.dtype).reshape(-1, *([1] * (table.ndim - 1)))
+        total = self.all_reduce_sum(table * mask)
+        count = self.all_reduce_sum(mask.expand_as(table).clone())
+        return torch.where(count > 0, total / count.clamp_min(1), table)
+
+
 @dataclass(frozen=True)
 class TaskInfo:
     """What a method may know about the training task before it sees data.
@@ -161,6 +210,7 @@ class TaskInfo:
             ASHA rung).
         label_regime: ``"clean"``, ``"missing"`` or ``"candidate"``.
         groups: class indices of the ``head`` / ``medium`` / ``tail`` groups.
+        class_names: the class names (prompts of vision-language methods).
     """
 
     num_classes: int
@@ -169,6 +219,7 @@ class TaskInfo:
     max_epochs: int
     label_regime: str = "clean"
     groups: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    class_names: tuple[str, ...] = ()
 
     def counts_tensor(self) -> Tensor:
         return torch.tensor(self.class_counts, dtype=torch.float32)
@@ -186,6 +237,9 @@ class Method:
     Params: ClassVar[type[MethodParams]] = MethodParams
     #: label regimes the method is designed for (others still run, with a warning upstream)
     regimes: ClassVar[tuple[str, ...]] = ("clean", "missing", "candidate")
+    #: True when ``loss(logits, batch)`` is the whole method (the contract tests then also
+    #: check it on bare logits); methods needing features or extra heads set False
+    logit_loss: ClassVar[bool] = True
 
     def __init__(self, params: MethodParams, task: TaskInfo) -> None:
         if not isinstance(params, self.Params):
@@ -195,6 +249,7 @@ class Method:
         self.params = params
         self.task = task
         self.current_epoch = 0
+        self.dist: Dist = Dist()
 
     # ----------------------------------------------------------------- per batch
     def loss(self, logits: Tensor, batch: Batch) -> Tensor:
@@ -209,6 +264,22 @@ class Method:
     def predict(self, model: nn.Module, images: Tensor) -> Tensor:
         """Scores ``(B, C)`` used for evaluation (raw logits by default)."""
         return model(images)
+
+    # ----------------------------------------------------------------- set-up
+    def set_train_targets(self, targets: Tensor) -> None:
+        """The whole ``(N, C)`` observed training label table, once, before training."""
+
+    def configure_model(self, model: nn.Module) -> nn.Module:
+        """The module to train, checkpoint and evaluate (default: the backbone itself)."""
+        return model
+
+    def lr_scale(self, param_name: str) -> float:
+        """Learning-rate multiplier of the configured module's parameter ``param_name``."""
+        return 1.0
+
+    def sample_weights(self, epoch: int) -> Tensor | None:
+        """``(N,)`` per-image sampling weights for ``epoch`` (None = each image once)."""
+        return None
 
     # ----------------------------------------------------------------- hooks
     def on_fit_start(self, model: nn.Module) -> None:

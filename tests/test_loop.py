@@ -24,7 +24,7 @@ def _data(seed: int = 0) -> TrainData:
     labels = (torch.rand(N, C, generator=g) < 0.4).float()
     labels[:, 0] = (images[:, 0].float().mean((1, 2)) > 127).float()  # a learnable class
 
-    def batches(epoch: int):
+    def batches(epoch: int, weights=None):
         order = torch.randperm(N, generator=torch.Generator().manual_seed(100 + epoch))
         for start in range(0, N, 16):
             idx = order[start : start + 16]

@@ -59,7 +59,9 @@ class TrainData:
     """What the loop trains and validates on.
 
     Attributes:
-        train_batches: ``epoch -> iterable`` of ``{"image": uint8 (B,3,S,S), "index": (B,)}``.
+        train_batches: ``(epoch, weights) -> iterable`` of ``{"image": uint8 (B,3,S,S),
+            "index": (B,)}``. ``weights`` is None (each image once, shuffled) or ``(N,)``
+            sampling weights: the epoch then draws N images with replacement in proportion.
         train_targets: ``(N, C)`` float observed training labels, row = ``index``.
         steps_per_epoch: optimizer steps per epoch (for the schedule).
         val_images: ``(M, 3, S, S)`` uint8 validation images.
@@ -67,7 +69,7 @@ class TrainData:
         groups: head / medium / tail class indices for the group mAPs.
     """
 
-    train_batches: Callable[[int], Iterable[Mapping[str, Tensor]]]
+    train_batches: Callable[[int, np.ndarray | None], Iterable[Mapping[str, Tensor]]]
     train_targets: Tensor
     steps_per_epoch: int
     val_images: Tensor
@@ -81,15 +83,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Optimizer with weight decay on weights only (not biases or normalisation)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, lr_scale: Callable[[str], float] | None = None
+) -> torch.optim.Optimizer:
+    """Optimizer with weight decay on weights only (not biases or normalisation).
+
+    ``lr_scale(name)`` gives each parameter's learning-rate multiplier (default 1); each group
+    keeps its ``lr_scale`` so the schedule multiplies ``cfg.lr * lr_scale``.
+    """
+    groups_by_key: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
+            scale = float(lr_scale(name)) if lr_scale is not None else 1.0
+            groups_by_key.setdefault((scale, param.ndim > 1), []).append(param)
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": params, "weight_decay": cfg.weight_decay if decay else 0.0,
+         "lr": cfg.lr * scale, "lr_scale": scale}
+        for (scale, decay), params in sorted(groups_by_key.items(), key=lambda kv: (-kv[0][1], kv[0][0]))
     ]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
@@ -165,9 +175,18 @@ def evaluate(
 class _Step:
     """One guarded optimisation step (autocast, finite check, clipping, schedule, EMA)."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, total_steps: int, device: torch.device):
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        total_steps: int,
+        device: torch.device,
+        lr_scale: Callable[[str], float] | None = None,
+        grad_sync: Callable[[nn.Module], None] | None = None,
+    ):
         self.model, self.cfg, self.total, self.device = model, cfg, total_steps, device
-        self.optimizer = build_optimizer(model, cfg)
+        self.grad_sync = grad_sync
+        self.optimizer = build_optimizer(model, cfg, lr_scale)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, total_steps, cfg)
         )
@@ -185,6 +204,8 @@ class _Step:
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.grad_sync is not None:
+            self.grad_sync(self.model)
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
@@ -235,6 +256,7 @@ def fit(
     report: Reporter,
     resume: Mapping[str, Any] | None = None,
     device: torch.device | None = None,
+    dist: Any | None = None,
 ) -> dict[str, Any]:
     """Train for ``cfg.max_epochs`` epochs (or until the reporter stops the process).
 
@@ -247,15 +269,27 @@ def fit(
             epochs, from 1) and the full state to checkpoint.
         resume: a state previously passed to ``report``; training continues after it.
         device: where to train (default: CUDA when available).
+        dist: a :class:`tuner.distributed.TorchDist` when several data-parallel workers train
+            this trial (gradients are averaged after every backward pass and the method gets
+            it as ``method.dist``); None for one worker.
 
     Returns:
         The last state (with ``best`` holding the best validation metrics and weights).
     """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seed_everything(cfg.seed)
-    model.to(device)
-    step = _Step(model, cfg, cfg.max_epochs * data.steps_per_epoch, device)
     targets = data.train_targets.float()
+    if dist is not None:
+        method.dist = dist
+    method.set_train_targets(targets)
+    model = method.configure_model(model)
+    model.to(device)
+    if dist is not None:
+        dist.broadcast_module(model)
+    step = _Step(
+        model, cfg, cfg.max_epochs * data.steps_per_epoch, device, lr_scale=method.lr_scale,
+        grad_sync=None if dist is None else dist.average_gradients,
+    )
     start_epoch, best = 0, {"val_mAP": -math.inf, "epoch": 0, "model": None, "metrics": {}}
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -299,10 +333,13 @@ def _train_epoch(
 ) -> dict[str, Any]:
     model.train()
     method.on_epoch_start(epoch)
+    weights = method.sample_weights(epoch)
+    if weights is not None:
+        weights = torch.as_tensor(weights, dtype=torch.float64).cpu().numpy()
     t0 = time.perf_counter()
     wait, total_loss, seen, n = 0.0, 0.0, 0, 0
     t_wait = time.perf_counter()
-    for raw in data.train_batches(epoch):
+    for raw in data.train_batches(epoch, weights):
         wait += time.perf_counter() - t_wait
         index = raw["index"].long()
         batch = {

@@ -23,7 +23,13 @@ from methods.registry import create_method
 from tuner.backbones import build_model
 from tuner.data.corruption import ViewSpec
 from tuner.data.prepared import PreparedData
-from tuner.data.stream import configure_data_context, iter_train_batches, load_split, train_dataset
+from tuner.data.stream import (
+    configure_data_context,
+    iter_train_batches,
+    load_split,
+    sample_repeats,
+    train_dataset,
+)
 from tuner.loop import TrainConfig, TrainData, evaluate, fit
 
 STATE_FILE = "state.pt"
@@ -62,6 +68,7 @@ def task_info(data: PreparedData, setup: TrialSetup, num_train: int) -> TaskInfo
         max_epochs=setup.max_epochs,
         label_regime=setup.view.kind,
         groups={k: tuple(v) for k, v in groups.items()},
+        class_names=tuple(data.class_names),
     )
 
 
@@ -89,7 +96,10 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     augment = data.manifest["image"].get("augment", "flip")
     stream = train_dataset(data.shard_files("train"), cfg.image_size, augment)
     train_data = TrainData(
-        train_batches=lambda epoch: iter_train_batches(stream, cfg.batch_size),
+        train_batches=lambda epoch, weights: iter_train_batches(
+            stream, cfg.batch_size,
+            repeats=None if weights is None else sample_repeats(weights, cfg.seed * 100003 + epoch),
+        ),
         train_targets=observed,
         steps_per_epoch=math.ceil(len(observed) / cfg.batch_size),
         val_images=val_images,
@@ -116,7 +126,7 @@ def evaluate_checkpoint(
     data = PreparedData(setup.data_dir)
     method = create_method(setup.method, config.get("method", {}),
                            task_info(data, setup, data.manifest["splits"]["train"]["num_images"]))
-    model = build_model(cfg.backbone, data.num_classes)
+    model = method.configure_model(build_model(cfg.backbone, data.num_classes))
     model.load_state_dict(state["best"]["model"])
     method.load_state_dict(state["best"].get("method") or state["method"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -224,8 +224,28 @@ def train_dataset(
     )
 
 
+def sample_repeats(weights: np.ndarray, seed: int) -> np.ndarray:
+    """``(N,)`` multiplicities of one epoch drawn with replacement in proportion to ``weights``.
+
+    The epoch has the same number of draws as images (N), like PyTorch's
+    ``WeightedRandomSampler(weights, N, replacement=True)``; deterministic per ``seed``.
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.ndim != 1 or not np.isfinite(weights).all() or (weights < 0).any():
+        raise ValueError("sample weights must be a finite, non-negative (N,) vector")
+    total = weights.sum()
+    if total <= 0:
+        raise ValueError("sample weights sum to zero; at least one image needs a positive weight")
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(len(weights), weights / total).astype(np.int64)
+
+
 def iter_train_batches(
-    dataset, batch_size: int, shuffle_buffer: int = 512, prefetch: int = 2
+    dataset,
+    batch_size: int,
+    shuffle_buffer: int = 512,
+    prefetch: int = 2,
+    repeats: np.ndarray | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of ``{image: uint8 (B,3,S,S), index: int64 (B,)}`` torch batches.
 
@@ -272,8 +292,13 @@ def iter_train_batches(
         n = len(block["index"])
         if not n:
             continue
-        blocks[block_id], left[block_id] = block, n
         rows = np.arange(n, dtype=np.int64)
+        if repeats is not None:
+            rows = np.repeat(rows, repeats[np.asarray(block["index"], dtype=np.int64)])
+            if not len(rows):
+                continue
+        blocks[block_id], left[block_id] = block, len(rows)
+        n = len(rows)
         positions = np.concatenate([positions, np.stack([np.full(n, block_id), rows], axis=1)])
         if len(positions) >= shuffle_buffer + batch_size:
             yield from draw(final=False)
