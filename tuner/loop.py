@@ -301,6 +301,10 @@ def fit(
     state: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.max_epochs):
         metrics = _train_epoch(method, model, step, data, targets, epoch, device)
+        if dist is not None:  # BatchNorm statistics differ per shard: use rank 0's, like DDP
+            dist.broadcast_buffers(model)
+            if step.ema is not None:
+                dist.broadcast_buffers(step.ema.module)
         t0 = time.perf_counter()
         val, used = _validate(method, model, step, data, cfg, device)
         metrics.update({f"val_{k}": v for k, v in val.items()}, eval_time=time.perf_counter() - t0)
