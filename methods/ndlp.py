@@ -1,0 +1,256 @@
+"""NDLP (Zhong, Shang et al., Pattern Recognition 2026): noise correction and distribution
+fine-tuning for long-tailed partial (candidate-label) multi-label learning."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from methods.base import Batch, Method, TaskInfo, hp
+from methods.dbl import DBLoss, DBLParams, class_aware_weights
+from methods.registry import register_method
+
+__all__ = ["NDLP", "NDLPParams", "ramp", "sharpen"]
+
+
+@dataclass(frozen=True)
+class NDLPParams(DBLParams):
+    """Hyperparameters of :class:`NDLP` (defaults: the released VOC-MLT settings).
+
+    The DBL fields (inherited from :class:`~methods.dbl.DBLParams`) configure the loss used
+    for both the pseudo-label and the mixup terms.
+    """
+
+    eta: float = hp(0.9, 0.0, 5.0, doc="weight of the mixup loss at the end of its ramp")
+    gamma: float = hp(
+        3.0, 0.0, 10.0, low_open=True,
+        doc="confidence sharpening exponent (3 VOC, 2 COCO; not the focal gamma)",
+    )
+    alpha_start: float = hp(0.4, 0.0, 1.0, doc="share of the batch quota selected at epoch 0")
+    alpha_end: float = hp(0.8, 0.0, 1.0, doc="share of the batch quota selected at max_epochs")
+    conf_ema: float = hp(
+        0.1, 0.0, 1.0, low_open=True, doc="confidence EMA rate mu: Q <- (1-mu) Q + mu p"
+    )
+    mix_beta: float = hp(4.0, 0.0, 100.0, low_open=True, doc="mixup lambda ~ Beta(a, a)")
+    prior_clamp: float = hp(
+        10.0, 1.0, 1e6,
+        doc="the class prior stays within [1/(K C), K/C] (K = this); 1 keeps it uniform",
+    )
+
+    def cross_field_problems(self) -> list[str]:
+        if self.alpha_end < self.alpha_start:
+            return [
+                f"alpha_end must be >= alpha_start, got alpha_start={self.alpha_start!r}, "
+                f"alpha_end={self.alpha_end!r}; sample alpha_end from [alpha_start, 1]"
+            ]
+        return []
+
+
+def ramp(epoch: float, max_epochs: int) -> float:
+    """Linear ramp ``min(1, epoch / max_epochs)`` over the full budget (SoLar's
+    ``linear_rampup``): 0 at epoch 0, 1 at ``max_epochs``."""
+    return min(1.0, max(0.0, float(epoch) / max(int(max_epochs), 1)))
+
+
+def sharpen(confidence: Tensor, gamma: float) -> Tensor:
+    r"""``(B, C)`` :math:`\tilde q_{ic} = Q_{ic}^{\gamma} / \sum_{c'} Q_{ic'}^{\gamma}`.
+
+    Computed as powers of ``Q / max_c Q`` (no underflow of the largest entry); all-zero rows
+    stay zero.
+    """
+    top = confidence.amax(dim=1, keepdim=True)
+    powered = (confidence / top.clamp(min=1e-30)).pow(gamma)
+    total = powered.sum(dim=1, keepdim=True)
+    return torch.where(total > 0, powered / total.clamp(min=1e-30), torch.zeros_like(powered))
+
+
+@register_method
+class NDLP(Method):
+    r"""NDLP: DB-loss training on pseudo-labels from a candidate confidence table, plus mixup
+    of reliable samples, with noise correction and class-prior fine-tuning.
+
+    State: the confidence table :math:`Q` (``N x C``, row = the batch ``index``, i.e. keyed by
+    image id), initialised uniform over each image's candidates, and the class prior
+    :math:`\pi` (reset to uniform at every epoch start). Per batch (epochs count from 0,
+    :math:`r(t) = \min(1, t / T)` with :math:`T` the full epoch budget, not an ASHA rung):
+
+    1. thresholds :math:`\phi_c` = mean of :math:`Q_{ic}` over the candidates of class c;
+    2. sharpened :math:`\tilde q = Q^{\gamma} / \sum Q^{\gamma}` and pseudo-labels
+       :math:`\hat y_{ic} = 1[\tilde q_{ic} > \phi_c]`;
+    3. :math:`L_{pseu} = \ell_{DB}(z, \hat y)`;
+    4. from epoch 1 on: per class c, of the samples with :math:`\hat y_{ic} = 1`, the
+       :math:`k_c = \max(1, \min(\lceil \pi_c B \alpha_t \rceil, |I_c|))` with the lowest
+       mean DB loss; over their union, mixup with :math:`\lambda \sim` Beta(a, a),
+       :math:`\lambda \leftarrow \max(\lambda, 1 - \lambda)`, soft targets
+       :math:`\lambda \tilde q + (1 - \lambda) \tilde q_{perm}`; :math:`L = L_{pseu} +
+       \eta_t L_{mix}` with :math:`\eta_t = \eta r(t)`, :math:`\alpha_t = \alpha_s +
+       (\alpha_e - \alpha_s) r(t)`;
+    5. after the step: :math:`Q_i \leftarrow (1 - \mu) Q_i + \mu\, \mathrm{softmax}(z_i)
+       \odot s_i / \Sigma` (rows stay on the candidate simplex), then :math:`\pi \leftarrow
+       \mathrm{normalise}(\pi / (\varepsilon + 10^{-8}))` with :math:`\varepsilon` the batch
+       share of confidence mass per class.
+
+    Differences from the released code (all intended behaviour, see the spec's pitfalls):
+
+    * ``Q`` is keyed by image id (the release misaligns COCO rows);
+    * the prior update runs in log space and is clamped to ``[1/(K C), K/C]`` (``K`` =
+      ``prior_clamp``) and renormalised, so it cannot collapse to one-hot or underflow;
+    * the class-aware sampler and the DB-loss class counts use the observed candidate labels
+      (the release reads the clean ones; ``data.class_stats: clean`` gives the loss the clean
+      counts as an explicit oracle setting);
+    * losses are summed over classes and averaged over the batch (the release averages over
+      ``B x C``); validation runs every epoch.
+
+    Several workers: each updates the rows of its own images; ``Q`` is merged with
+    ``dist.merge_rows`` at epoch end, and the batch confidence mass of the prior update is
+    all-reduced every batch, so ``pi`` is the same on every worker. Thresholds use the
+    worker's own table within an epoch.
+    """
+
+    name = "ndlp"
+    Params = NDLPParams
+    params: NDLPParams
+    regimes = ("candidate",)
+    logit_loss = False
+
+    def __init__(self, params: NDLPParams, task: TaskInfo) -> None:
+        super().__init__(params, task)
+        self.db = DBLoss(task.counts_tensor(), task.num_train, params)
+        c = task.num_classes
+        self.candidates = torch.zeros(task.num_train, c)
+        self.confidence = torch.zeros(task.num_train, c)
+        self.prior = torch.full((c,), 1.0 / c)
+        self.touched = torch.zeros(task.num_train, dtype=torch.bool)
+        self._sample_weights: Tensor | None = None
+
+    # ----------------------------------------------------------------- set-up
+    def set_train_targets(self, targets: Tensor) -> None:
+        """Candidate sets ``s`` and the uniform initial confidences ``Q = s / sum(s)``."""
+        s = (targets > 0).float().cpu()
+        self.candidates = s
+        self.confidence = s / s.sum(dim=1, keepdim=True).clamp(min=1.0)
+        self.touched = torch.zeros(len(s), dtype=torch.bool)
+        self._sample_weights = class_aware_weights(s) if self.params.class_aware else None
+
+    def sample_weights(self, epoch: int) -> Tensor | None:
+        return self._sample_weights
+
+    # ----------------------------------------------------------------- ramps
+    def eta_t(self, epoch: int) -> float:
+        return self.params.eta * ramp(epoch, self.task.max_epochs)
+
+    def alpha_t(self, epoch: int) -> float:
+        prm = self.params
+        return prm.alpha_start + (prm.alpha_end - prm.alpha_start) * ramp(
+            epoch, self.task.max_epochs
+        )
+
+    # ----------------------------------------------------------------- per batch
+    def thresholds(self) -> Tensor:
+        """``(C,)`` mean confidence over each class's candidates (1 for a class without)."""
+        mass = (self.confidence * self.candidates).sum(dim=0)
+        count = self.candidates.sum(dim=0)
+        return torch.where(count > 0, mass / count.clamp(min=1.0), torch.ones_like(mass))
+
+    def pseudo_targets(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Sharpened confidences ``(B, C)`` and 0/1 pseudo-labels ``(B, C)`` of rows ``index``."""
+        sharp = sharpen(self.confidence[index.cpu()], self.params.gamma)
+        return sharp, (sharp > self.thresholds()).float()
+
+    def select(self, score: Tensor, pseudo: Tensor, alpha: float) -> Tensor:
+        """``(B,)`` bool: per class, the ``k_c`` lowest-``score`` samples among its pseudo
+        positives (``k_c = max(1, min(ceil(pi_c B alpha), |I_c|))``), united over classes."""
+        positive = pseudo > 0
+        b = len(score)
+        masked = torch.where(positive, score.unsqueeze(1), torch.full_like(pseudo, math.inf))
+        order = masked.argsort(dim=0, stable=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(0, order, torch.arange(b, device=order.device).unsqueeze(1).expand_as(order))
+        quota = torch.ceil(self.prior.to(score) * b * alpha).clamp(min=1.0)
+        chosen = (rank < quota.unsqueeze(0)) & positive
+        return chosen.any(dim=1)
+
+    def mixup_loss(self, model: nn.Module, images: Tensor, soft: Tensor) -> Tensor:
+        """DB loss of the model on mixed ``images`` with mixed soft targets (scalar)."""
+        a = torch.tensor(float(self.params.mix_beta))
+        lam = float(torch.distributions.Beta(a, a).sample())
+        lam = max(lam, 1.0 - lam)
+        perm = torch.randperm(len(images)).to(images.device)
+        mixed = lam * images + (1.0 - lam) * images[perm]
+        target = lam * soft + (1.0 - lam) * soft[perm]
+        return self.db(model(mixed), target).sum(dim=1).mean()
+
+    def training_step(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        """Pseudo-label DB loss, plus the ramped mixup term on reliable samples (epoch >= 1)."""
+        logits = model(batch["image"])
+        sharp, pseudo = (t.to(logits) for t in self.pseudo_targets(batch["index"]))
+        elementwise = self.db(logits, pseudo)
+        loss = elementwise.sum(dim=1).mean()
+        eta = self.eta_t(self.current_epoch)
+        if self.current_epoch > 0 and eta > 0:
+            chosen = self.select(elementwise.detach().mean(dim=1), pseudo,
+                                 self.alpha_t(self.current_epoch))
+            if chosen.any():
+                loss = loss + eta * self.mixup_loss(model, batch["image"][chosen], sharp[chosen])
+        return {"loss": loss, "logits": logits}
+
+    # ----------------------------------------------------------------- state updates
+    def on_epoch_start(self, epoch: int) -> None:
+        super().on_epoch_start(epoch)
+        c = self.task.num_classes
+        self.prior = torch.full((c,), 1.0 / c)
+        self.touched = torch.zeros(len(self.confidence), dtype=torch.bool)
+
+    def on_batch_end(self, batch: Batch, output: Mapping[str, Tensor]) -> None:
+        index = batch["index"].cpu()
+        self.update_confidence(index, output["logits"].detach().float().cpu())
+        self.update_prior(self.confidence[index].sum(dim=0))
+
+    def update_confidence(self, index: Tensor, logits: Tensor) -> None:
+        """``Q_i <- (1 - mu) Q_i + mu softmax(z_i)|candidates`` for the rows ``index``."""
+        s = self.candidates[index]
+        masked = logits.masked_fill(s <= 0, -math.inf)
+        has = s.sum(dim=1, keepdim=True) > 0
+        probs = torch.where(has, torch.softmax(masked.where(has, 0.0), dim=1), 0.0)
+        mu = self.params.conf_ema
+        self.confidence[index] = (1.0 - mu) * self.confidence[index] + mu * probs
+        self.touched[index] = True
+
+    def update_prior(self, batch_mass: Tensor) -> None:
+        """``pi <- normalise(pi / (eps + 1e-8))`` in log space, clamped around uniform."""
+        mass = self.dist.all_reduce_sum(batch_mass.float())
+        total = mass.sum()
+        if not total > 0:
+            return
+        share = mass / total
+        share = torch.where(share > 0, share, self.prior)
+        log_prior = torch.log(self.prior) - torch.log(share + 1e-8)
+        c = len(log_prior)
+        bound = math.log(self.params.prior_clamp)
+        for _ in range(2):  # normalise, clamp, normalise
+            log_prior = log_prior - torch.logsumexp(log_prior, dim=0)
+            log_prior = log_prior.clamp(-math.log(c) - bound, -math.log(c) + bound)
+        self.prior = torch.softmax(log_prior, dim=0)
+
+    def on_epoch_end(self, epoch: int) -> None:
+        self.confidence = self.dist.merge_rows(self.confidence, self.touched)
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "confidence": self.confidence.clone(),
+            "prior": self.prior.clone(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.confidence = torch.as_tensor(state["confidence"]).float().clone()
+        self.prior = torch.as_tensor(state["prior"]).float().clone()
+        if self.candidates.shape != self.confidence.shape:  # restored without the label table
+            self.candidates = (self.confidence > 0).float()
