@@ -26,7 +26,13 @@ import tuner.prepare
 from tuner.data.corruption import ViewSpec, drop_positives, make_view
 from tuner.data.manifest import SPLITS
 from tuner.data.prepared import PreparedData, prepare_digits
-from tuner.data.stream import configure_data_context, iter_train_batches, load_split, train_dataset
+from tuner.data.stream import (
+    configure_data_context,
+    iter_train_batches,
+    load_split,
+    sample_repeats,
+    train_dataset,
+)
 from tuner.errors import ChecksumError, ConfigError, DataError
 
 NUM_CLASSES = 10
@@ -95,7 +101,7 @@ def test_manifest_matches_files(digits_dir: Path) -> None:
         assert ids == sorted(ids)  # rows are keyed by image id
         assert manifest["class_counts"][split] == labels.sum(0).tolist()
         per_image = labels.sum(1)
-        assert per_image.min() >= 1 and per_image.max() <= 4, split
+        assert per_image.min() >= 1 and per_image.max() <= 9, split  # 3x3 cells
         # shards, read in manifest order, hold the split's rows in label-table order
         shard_ids, shard_index = [], []
         for rel in entry["shards"]:
@@ -130,6 +136,48 @@ def test_groups_partition_classes_by_thresholds(digits_dir: Path) -> None:
     assert all(groups[name] for name in ("head", "medium", "tail")), groups
 
 
+def test_train_split_is_dense_enough_for_forty_percent_left(
+    digits_dir: Path, tmp_path: Path
+) -> None:
+    """Several labels per image, so q=0.6 leaves about 40% of positives (one kept per image)."""
+    data = PreparedData(copy_prepared(digits_dir, tmp_path))
+    _, labels = data.true_labels("train")
+    per_image = labels.sum(1)
+    assert per_image.mean() >= 3.0 and (per_image == 1).mean() < 0.05, np.bincount(per_image)
+    # sizes of the head / medium / tail groups follow COCO-MLT's 22/33/25 of 80
+    assert [len(data.groups()[g]) for g in ("head", "medium", "tail")] == [3, 4, 3]
+    observed = data.view_labels(ViewSpec("missing", 0.6, 0))
+    kept = observed.sum() / labels.sum()
+    assert 0.37 <= kept <= 0.43, kept
+    assert observed.sum(1).min() >= 1
+
+
+@pytest.mark.parametrize("spec", [ViewSpec("missing", 0.6, 0), ViewSpec("candidate", 0.3, 0)])
+def test_observed_groups_are_never_empty(digits_dir: Path, tmp_path: Path, spec: ViewSpec) -> None:
+    """Corruption shifts every count; groups then follow the observed ranks (recorded)."""
+    data = PreparedData(copy_prepared(digits_dir, tmp_path))
+    groups = data.groups(spec)
+    counts = np.array(data.class_counts(spec))
+    assert all(groups[g] for g in ("head", "medium", "tail")), groups
+    assert sorted(sum(groups.values(), [])) == list(range(NUM_CLASSES))
+    assert counts[groups["head"]].min() >= counts[groups["medium"]].max()
+    assert counts[groups["medium"]].min() >= counts[groups["tail"]].max()
+    assert data.manifest["views"][spec.name]["group_rule"] in ("thresholds", "rank")
+
+
+def test_stale_generator_version_is_rebuilt(digits_dir: Path, tmp_path: Path) -> None:
+    from tuner.data.prepared import ensure_prepared
+
+    copy = copy_prepared(digits_dir, tmp_path)
+    manifest = read_json(copy / "manifest.json")
+    manifest["build"]["version"] = 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    ensure_prepared("digits-mlt", copy)
+    assert read_json(copy / "manifest.json")["build"]["version"] == read_json(
+        digits_dir / "manifest.json")["build"]["version"]
+    PreparedData(copy).verify()
+
+
 def test_checksums_cover_and_match_every_file(digits_dir: Path) -> None:
     manifest = read_json(digits_dir / "manifest.json")
     shards = [rel for split in SPLITS for rel in manifest["splits"][split]["shards"]]
@@ -160,6 +208,27 @@ def test_ray_data_epoch_yields_every_train_image_once(digits_dir: Path, ray_loca
     seen = np.concatenate(seen)
     assert len(seen) == num_train
     np.testing.assert_array_equal(np.sort(seen), np.arange(num_train))
+
+    # weighted sampling: the same stream yields exactly the drawn multiset
+    weights = np.zeros(num_train)
+    weights[: num_train // 2] = 1.0  # second half never drawn
+    weights[0] = 50.0
+    repeats = sample_repeats(weights, seed=3)
+    drawn = np.concatenate([b["index"].numpy() for b in iter_train_batches(ds, 32, repeats=repeats)])
+    assert len(drawn) == num_train
+    np.testing.assert_array_equal(np.bincount(drawn, minlength=num_train), repeats)
+
+
+def test_sample_repeats_follow_the_weights() -> None:
+    weights = np.array([1.0, 2.0, 3.0, 0.0] * 250)
+    repeats = sample_repeats(weights, seed=0)
+    assert repeats.sum() == len(weights)
+    assert repeats[3::4].sum() == 0
+    share = np.array([repeats[i::4].sum() for i in range(3)]) / len(weights)
+    np.testing.assert_allclose(share, [1 / 6, 2 / 6, 3 / 6], atol=0.04)
+    np.testing.assert_array_equal(sample_repeats(weights, seed=0), repeats)  # deterministic
+    with pytest.raises(ValueError, match="non-negative"):
+        sample_repeats(np.array([1.0, -1.0]), seed=0)
 
 
 def test_load_split_returns_val_in_order(digits_dir: Path) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from tuner.data.corruption import ViewSpec, make_view
+from tuner.data.digits import VERSION as DIGITS_VERSION
 from tuner.data.digits import DigitsConfig, build_digits_mlt
 from tuner.data.manifest import (
     SPLITS,
@@ -57,14 +58,18 @@ def prepare_digits(out: str | Path, seed: int = 0, rows_per_shard: int = 64, **k
 
 
 def ensure_prepared(benchmark: str, data_dir: str | Path | None, seed: int = 0) -> Path:
-    """The benchmark's directory, building DigitsMLT there the first time it is needed."""
+    """The benchmark's directory, building DigitsMLT there the first time it is needed.
+
+    A cached DigitsMLT built by another generator version is rebuilt (same seed, new
+    version), so a changed generator never mixes with stale shards.
+    """
     path = Path(data_dir) if data_dir else default_data_dir(benchmark, seed)
-    if (path / "manifest.json").is_file():
+    if (path / "manifest.json").is_file() and not _stale_embedded(benchmark, path):
         return path
     if benchmark in EMBEDDED:
         # the lock lives beside the directory: building replaces the directory's content
         with locked(_mkdir(path.parent), f".{path.name}.lock"):
-            if not (path / "manifest.json").is_file():
+            if not (path / "manifest.json").is_file() or _stale_embedded(benchmark, path):
                 prepare_digits(path, seed=seed, overwrite=True)
         return path
     raise DataError(
@@ -73,9 +78,44 @@ def ensure_prepared(benchmark: str, data_dir: str | Path | None, seed: int = 0) 
     )
 
 
+def _stale_embedded(benchmark: str, path: Path) -> bool:
+    if benchmark != "digits-mlt":
+        return False
+    try:
+        manifest = read_manifest(path)
+    except DataError:
+        return True
+    return manifest.get("benchmark") == "digits-mlt" and (
+        manifest.get("build", {}).get("version", 1) != DIGITS_VERSION
+    )
+
+
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def observed_groups(counts: np.ndarray, manifest: dict[str, Any]) -> tuple[dict, str]:
+    """Head / medium / tail of a view's observed counts, and the rule that made them.
+
+    The benchmark's thresholds apply first (the PLT protocol). Corruption shifts every count
+    (missing labels shrink them, candidate labels add about rho x negatives to each class),
+    which can empty a group; the groups are then taken by rank of the observed counts, with
+    the sizes of the true groups (``"rank"``), so a method never gets an empty head or tail.
+    """
+    thresholds = manifest["group_thresholds"]
+    groups = class_groups(counts, thresholds["head_min"], thresholds["tail_below"])
+    true_sizes = [len(manifest["groups"][g]) for g in ("head", "medium", "tail")]
+    if all(groups[g] for g, n in zip(("head", "medium", "tail"), true_sizes) if n):
+        return groups, "thresholds"
+    order = [int(c) for c in np.argsort(-np.asarray(counts), kind="stable")]
+    head, tail = true_sizes[0], true_sizes[2]
+    ranked = {
+        "head": sorted(order[:head]),
+        "medium": sorted(order[head : len(order) - tail]),
+        "tail": sorted(order[len(order) - tail :]),
+    }
+    return ranked, "rank"
 
 
 class PreparedData:
@@ -140,14 +180,15 @@ class PreparedData:
         rel = f"labels/{spec.name}.parquet"
         pq.write_table(labels_table(ids, observed), self.root / rel)
         counts = observed.sum(0).astype(int)
-        thresholds = self.manifest["group_thresholds"]
+        groups, rule = observed_groups(counts, self.manifest)
         self.manifest["views"][spec.name] = {
             "kind": spec.kind,
             "rate": spec.rate,
             "seed": spec.seed,
             "file": rel,
             "class_counts": counts.tolist(),
-            "groups": class_groups(counts, thresholds["head_min"], thresholds["tail_below"]),
+            "groups": groups,
+            "group_rule": rule,
             **info,
         }
         self.manifest["checksums"][rel] = sha256_file(self.root / rel)
