@@ -57,9 +57,9 @@ class DBLoss:
         self.params = params
         # a class never observed would give 1/0; one present in every image gives log(0)
         n = counts.double().clamp(min=1.0)
-        self.freq_inv = (1.0 / n).float()
+        self.freq_inv = 1.0 / n  # float64; cast to the logits' dtype per call
         ratio = (float(num_train) / n - 1.0).clamp(min=1.0 / max(num_train, 1))
-        self.bias = (-params.init_bias * torch.log(ratio) / params.neg_scale).float()
+        self.bias = -params.init_bias * torch.log(ratio) / params.neg_scale
 
     def __call__(self, logits: Tensor, target: Tensor) -> Tensor:
         """``(B, C)`` element-wise loss (see :func:`db_loss_elementwise`)."""
