@@ -83,7 +83,7 @@ class TailCLIPParams(MethodParams):
         doc="captions: label-derived (prompt + comma-joined names) or caption_file",
     )
     caption_file: str | None = hp(
-        None, doc="CSV/Parquet with columns index, caption (one per training row)"
+        None, doc="CSV/Parquet of index (or image_id), caption: e.g. labels/captions.parquet"
     )
     clip_arch: str = hp("tiny", choices=ARCHS, doc="CLIP architecture (tiny = CPU config)")
     clip_weights: str | None = hp(
@@ -229,8 +229,13 @@ def softmax_map(
     return {k.replace("mAP", "mAP_softmax", 1): v for k, v in out.items()}
 
 
-def _read_caption_file(path: str, num_train: int) -> list[str]:
-    """Captions of the training rows ``0..N-1`` from a CSV or Parquet file (index, caption)."""
+def _read_caption_file(path: str, num_train: int) -> list[str | None]:
+    """Captions of the training rows ``0..N-1`` from a CSV or Parquet file.
+
+    Columns ``index, caption`` (row of the training label table), or ``image_id, caption``
+    (a prepared benchmark's ``labels/captions.parquet``): rows are then taken in image-id
+    order, the order of the training label table. Empty captions come back as None.
+    """
     import pandas as pd
 
     from tuner.clip import resolve_weights_path
@@ -239,16 +244,23 @@ def _read_caption_file(path: str, num_train: int) -> list[str]:
         file = resolve_weights_path(path)
     except ConfigError:
         raise ConfigError(f"caption_file={path!r} is not a file; give a CSV/Parquet with "
-                          f"columns index, caption") from None
+                          f"columns index (or image_id), caption") from None
     frame = pd.read_parquet(file) if file.suffix == ".parquet" else pd.read_csv(file)
-    if not {"index", "caption"} <= set(frame.columns):
-        raise DataError(f"caption_file={path!r} needs columns index, caption; "
+    if "caption" not in frame.columns or not {"index", "image_id"} & set(frame.columns):
+        raise DataError(f"caption_file={path!r} needs columns index (or image_id), caption; "
                         f"found {list(frame.columns)}")
-    table = dict(zip(frame["index"].astype(int), frame["caption"].astype(str)))
+    if "index" in frame.columns:
+        rows = frame["index"].astype(int).tolist()
+    else:
+        frame = frame.sort_values("image_id", kind="stable", key=lambda c: c.astype(str))
+        rows = list(range(len(frame)))
+    texts = [c if isinstance(c, str) and c.strip() else None for c in frame["caption"]]
+    table = dict(zip(rows, texts))
     missing = [i for i in range(num_train) if i not in table]
-    if missing:
-        raise DataError(f"caption_file={path!r} has no caption for {len(missing)} of "
-                        f"{num_train} training rows (e.g. index {missing[0]}); add them")
+    if missing or len(frame) != len(table) or max(table, default=-1) >= num_train:
+        raise DataError(f"caption_file={path!r} does not match the {num_train} training rows "
+                        f"({len(missing)} missing, {len(frame)} rows in the file); "
+                        f"use the benchmark's own caption file")
     return [table[i] for i in range(num_train)]
 
 
@@ -320,7 +332,10 @@ class TailCLIP(Method):
             from tuner.clip import tokenize
 
             captions = _read_caption_file(str(self.params.caption_file), len(self.targets))
-            self._file_tokens = tokenize(captions, self.context_length)
+            fallback = [self.label_caption(row.nonzero().flatten().tolist())
+                        for row in self.targets > 0.5]  # images without a caption
+            texts = [c if c is not None else f for c, f in zip(captions, fallback)]
+            self._file_tokens = tokenize(texts, self.context_length)
 
     def sample_weights(self, epoch: int) -> Tensor | None:
         if not self.params.weighted_sampling or self.targets is None:

@@ -243,11 +243,26 @@ def test_caption_file_supplies_the_captions(tmp_path) -> None:
     path.write_text("index,caption\n" + "".join(f"{i},digits number {i}\n" for i in range(10)))
     m, _ = _method(captions="file", caption_file=str(path))
     m.set_train_targets(torch.ones(10, 4))
-    assert_close(m.caption_tokens(_batch()), tokenize([f"digits number {i}" for i in (0, 3, 5, 7)],
-                                                      32))
+    want = tokenize([f"digits number {i}" for i in (0, 3, 5, 7)], 32)
+    assert_close(m.caption_tokens(_batch()), want)
     path.write_text("index,caption\n0,only one\n")
-    with pytest.raises(DataError, match="9 of 10"):
+    with pytest.raises(DataError, match="9 missing"):
         m.set_train_targets(torch.ones(10, 4))
+
+
+def test_benchmark_caption_parquet_is_read_in_image_id_order(tmp_path) -> None:
+    import pandas as pd
+
+    ids = [f"img{i:02d}" for i in range(10)]
+    texts = [f"a caption {i}" if i != 5 else None for i in range(10)]
+    path = tmp_path / "captions.parquet"
+    pd.DataFrame({"image_id": ids[::-1], "caption": texts[::-1]}).to_parquet(path)
+    m, _ = _method(captions="file", caption_file=str(path))
+    targets = torch.zeros(10, 4)
+    targets[:, 1] = 1.0
+    m.set_train_targets(targets)
+    want = tokenize(["a caption 0", "a caption 3", "a photo of a one", "a caption 7"], 32)
+    assert_close(m.caption_tokens(_batch()), want)  # row 5 has no caption: label-derived
 
 
 def test_softmax_map_is_the_release_metric() -> None:
