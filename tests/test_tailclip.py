@@ -169,6 +169,18 @@ def test_weights_file_round_trips(tmp_path) -> None:
     assert_close(again.clip.logit_scale, source.clip.logit_scale)
 
 
+def test_torchscript_archive_is_read(tmp_path) -> None:
+    """OpenAI ships TorchScript archives (RN50.pt, ViT-B-16.pt): a traced CLIP stands in."""
+    source = tiny().clip.eval()
+    archive = torch.jit.trace_module(source, {"encode_image": torch.randn(1, 3, 48, 48),
+                                              "encode_text": torch.zeros(1, 32, dtype=torch.long)})
+    path = tmp_path / "traced.pt"
+    torch.jit.save(archive, str(path))
+    loaded = build_clip("tiny", weights=str(path))
+    for key, value in source.state_dict().items():
+        assert_close(loaded.clip.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
 def test_weights_of_another_image_size_are_interpolated(tmp_path) -> None:
     path = tmp_path / "64px.pt"
     save_clip_weights(tiny(image_size=64), path)

@@ -250,6 +250,10 @@ def load_clip_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
     clip = model.clip if isinstance(model, ClipBackbone) else model
     file = resolve_weights_path(path)
     state = _strip_prefixes(_read_state_dict(file))
+    own = clip.state_dict()
+    for name, _ in clip.named_buffers():  # e.g. attn_mask: traced archives store it
+        if name not in own:
+            state.pop(name, None)
     _fit_positions(state, clip)
     if "logit_scale" in state:
         state["logit_scale"] = state["logit_scale"].reshape(clip.logit_scale.shape)
