@@ -166,11 +166,19 @@ def tunable_columns(exp: Experiment, study: Any) -> dict[str, Any]:
     if study is not None:
         for trial in study.trials:
             for name, dist in trial.distributions.items():
-                out.setdefault(f"config/{name}", dist)
+                key = f"config/{name}"
+                out[key] = _widen(out[key], dist) if key in out else dist
     for col in exp.trials.columns:
         if col.startswith("config/") and col not in out and exp.trials[col].nunique() > 1:
             out[col] = None
     return {col: dist for col, dist in out.items() if col in exp.trials.columns}
+
+
+def _widen(a: Any, b: Any) -> Any:
+    """One axis for a parameter whose range depends on another (e.g. ``[alpha_start, 1]``)."""
+    if hasattr(a, "low") and hasattr(b, "low") and type(a) is type(b):
+        return type(a)(min(a.low, b.low), max(a.high, b.high), log=a.log)
+    return a
 
 
 # ---------------------------------------------------------------------------- per-class AP
@@ -323,7 +331,7 @@ def plot_parallel_coordinates(exp: Experiment, study: Any, out: Path) -> Path | 
     names = [col.removeprefix("config/") for col in columns] + ["val mAP"]
     lo, hi = np.nanmin(score.values), np.nanmax(score.values)
     cmap = plt.get_cmap("viridis")
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(names)), 4.2))
+    fig, ax = plt.subplots(figsize=(min(16, max(5, 1.2 * len(names))), 4.4))
     for i, value in enumerate(score.values):
         ys = [a[0][i] for a in axes] + [(value - lo) / ((hi - lo) or 1.0)]
         ax.plot(range(len(names)), ys, "-o", ms=3, color=cmap(ys[-1]), alpha=0.85)
