@@ -169,6 +169,7 @@ def test_weights_file_round_trips(tmp_path) -> None:
     assert_close(again.clip.logit_scale, source.clip.logit_scale)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
 def test_torchscript_archive_is_read(tmp_path) -> None:
     """OpenAI ships TorchScript archives (RN50.pt, ViT-B-16.pt): a traced CLIP stands in."""
     source = tiny().clip.eval()
