@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import methods
-from methods.base import Method, MethodParams, TaskInfo
+from methods.base import Method, MethodParams, TaskInfo, hp
 from tuner.backbones import build_model
 from tuner.errors import NonFiniteLossError
 from tuner.loop import TrainConfig, TrainData, fit, lr_factor
@@ -25,7 +26,12 @@ def _data(seed: int = 0) -> TrainData:
     labels[:, 0] = (images[:, 0].float().mean((1, 2)) > 127).float()  # a learnable class
 
     def batches(epoch: int, weights=None):
-        order = torch.randperm(N, generator=torch.Generator().manual_seed(100 + epoch))
+        gen = torch.Generator().manual_seed(100 + epoch)
+        if weights is None:
+            order = torch.randperm(N, generator=gen)
+        else:  # a with-replacement draw, like the streamed sampler
+            order = torch.multinomial(torch.as_tensor(weights, dtype=torch.float), N, True,
+                                      generator=gen)
         for start in range(0, N, 16):
             idx = order[start : start + 16]
             yield {"image": images[idx], "index": idx}
@@ -57,7 +63,8 @@ def _run(method_name: str, cfg: TrainConfig, resume=None, stop_after: int | None
 
     torch.manual_seed(0)
     model = build_model("small_cnn", C)
-    method = methods.create_method(method_name, {}, _task())
+    method = (_TableMethod(_TableParams(), _task()) if method_name == "table"
+              else methods.create_method(method_name, {}, _task()))
     try:
         fit(method, model, cfg, _data(), report, resume=resume, device=torch.device("cpu"))
     except Stop:
@@ -77,7 +84,52 @@ def test_reports_every_epoch_with_explicit_epoch_and_metrics() -> None:
         assert set(state) >= {"model", "step", "method", "rng", "best"}
 
 
-@pytest.mark.parametrize("name", ["splc", "hill"])
+@dataclasses.dataclass(frozen=True)
+class _TableParams(MethodParams):
+    momentum: float = hp(0.5, 0.0, 1.0, doc="confidence EMA")
+
+
+class _TableMethod(Method):
+    """NDLP-like state: a per-image confidence table updated every batch, re-weighted
+    sampling from it, an extra head from ``configure_model`` with its own LR scale."""
+
+    name = "table-test"
+    Params = _TableParams
+    logit_loss = False
+
+    def set_train_targets(self, targets):
+        self.table = targets.clone()
+
+    def configure_model(self, model):
+        model.extra = torch.nn.Linear(C, C)
+        return model
+
+    def lr_scale(self, param_name):
+        return 10.0 if param_name.startswith("extra.") else 1.0
+
+    def training_step(self, model, batch):
+        logits = model.extra(model(batch["image"]))
+        target = self.table[batch["index"]].to(logits.device)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+        return {"loss": loss, "logits": logits}
+
+    def on_batch_end(self, batch, output):
+        m = self.params.momentum
+        idx = batch["index"].cpu()
+        self.table[idx] = m * self.table[idx] + (1 - m) * output["logits"].detach().sigmoid().cpu()
+
+    def sample_weights(self, epoch):
+        return self.table.sum(1) + 0.1
+
+    def state_dict(self):
+        return {**super().state_dict(), "table": self.table.clone()}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.table = state["table"].clone()
+
+
+@pytest.mark.parametrize("name", ["splc", "hill", "table"])
 def test_resume_continues_exactly(name: str) -> None:
     full = _run(name, _cfg())
     first = _run(name, _cfg(), stop_after=1)
@@ -88,6 +140,11 @@ def test_resume_continues_exactly(name: str) -> None:
         assert a["val_mAP"] == pytest.approx(b["val_mAP"], rel=1e-5)
     for key, value in full[-1][1]["model"].items():
         torch.testing.assert_close(value, resumed[-1][1]["model"][key])
+    for key, value in full[-1][1]["method"].items():  # the method's own state, e.g. tables
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(value, resumed[-1][1]["method"][key], rtol=1e-5, atol=1e-6)
+        else:
+            assert value == resumed[-1][1]["method"][key], key
 
 
 def test_best_weights_are_the_best_validation_epoch() -> None:

@@ -39,11 +39,20 @@ class TorchDist(Dist):
             raise RuntimeError("TorchDist needs an initialised torch.distributed process group")
         self.world_size = tdist.get_world_size()
         self.rank = tdist.get_rank()
+        # NCCL reduces CUDA tensors only; gloo takes CPU tensors
+        nccl = tdist.get_backend() == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
-        out = tensor.detach().clone()
+        out = tensor.detach().to(self.device or tensor.device, copy=True)
         tdist.all_reduce(out, op=tdist.ReduceOp.SUM)
-        return out
+        return out.to(tensor.device)
+
+    def all_have(self, flag: bool) -> bool:
+        """True when ``flag`` is true on every worker (a collective: all must call it)."""
+        count = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        tdist.all_reduce(count, op=tdist.ReduceOp.SUM)
+        return int(count.item()) == self.world_size
 
     def broadcast_module(self, module: nn.Module) -> None:
         """Copy rank 0's parameters and buffers to every worker."""

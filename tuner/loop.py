@@ -257,6 +257,7 @@ def fit(
     resume: Mapping[str, Any] | None = None,
     device: torch.device | None = None,
     dist: Any | None = None,
+    started_at: float | None = None,
 ) -> dict[str, Any]:
     """Train for ``cfg.max_epochs`` epochs (or until the reporter stops the process).
 
@@ -272,6 +273,8 @@ def fit(
         dist: a :class:`tuner.distributed.TorchDist` when several data-parallel workers train
             this trial (gradients are averaged after every backward pass and the method gets
             it as ``method.dist``); None for one worker.
+        started_at: ``time.time()`` when the trial (or its relaunch) started; every report then
+            carries ``startup_time``, the seconds from then to the first training step.
 
     Returns:
         The last state (with ``best`` holding the best validation metrics and weights).
@@ -299,8 +302,13 @@ def fit(
         start_epoch, best = int(resume["epoch"]), dict(resume["best"])
     method.on_fit_start(model)
     state: dict[str, Any] = {}
+    first_step = math.nan
     for epoch in range(start_epoch, cfg.max_epochs):
-        metrics = _train_epoch(method, model, step, data, targets, epoch, device)
+        metrics = _train_epoch(method, model, step, data, targets, epoch, device, dist)
+        if started_at is not None:
+            first_step = first_step if epoch > start_epoch else metrics.pop("first_step_at")
+            metrics["startup_time"] = max(0.0, first_step - started_at)
+        metrics.pop("first_step_at", None)
         if dist is not None:  # BatchNorm statistics differ per shard: use rank 0's, like DDP
             dist.broadcast_buffers(model)
             if step.ema is not None:
@@ -334,7 +342,15 @@ def _train_epoch(
     targets: Tensor,
     epoch: int,
     device: torch.device,
+    dist: Any | None = None,
 ) -> dict[str, Any]:
+    """One epoch of training steps.
+
+    With several workers, every step first checks that all workers still have a batch
+    (one tiny all-reduce); the epoch ends for all when one runs out, so a worker whose shard
+    is a batch short (or a re-weighted epoch with uneven shards) cannot leave the others
+    waiting forever in a gradient all-reduce. The leftover batches are drained and dropped.
+    """
     model.train()
     method.on_epoch_start(epoch)
     weights = method.sample_weights(epoch)
@@ -342,8 +358,19 @@ def _train_epoch(
         weights = torch.as_tensor(weights, dtype=torch.float64).cpu().numpy()
     t0 = time.perf_counter()
     wait, total_loss, seen, n = 0.0, 0.0, 0, 0
+    first_step_at = math.nan
     t_wait = time.perf_counter()
-    for raw in data.train_batches(epoch, weights):
+    batches = iter(data.train_batches(epoch, weights))
+    while True:
+        raw = next(batches, None)
+        if dist is not None and not dist.all_have(raw is not None):
+            for _ in batches:  # drain: the stream finishes its epoch on every worker
+                pass
+            break
+        if raw is None:
+            break
+        if n == 0:
+            first_step_at = time.time()
         wait += time.perf_counter() - t_wait
         index = raw["index"].long()
         batch = {
@@ -359,6 +386,7 @@ def _train_epoch(
         t_wait = time.perf_counter()
     method.on_epoch_end(epoch)
     return {
+        "first_step_at": first_step_at,
         "train_loss": total_loss / max(seen, 1),
         "train_images": seen,
         "train_time": time.perf_counter() - t0,

@@ -9,7 +9,11 @@ numbers intermediate values by Tune's ``training_iteration`` (which restarts on 
 * on completion, first records the final result as an intermediate value, then tells Optuna
   PRUNED when the trial ran fewer than ``max_epochs`` epochs (Optuna then keeps the last
   intermediate value as its value) and COMPLETE with ``objective`` (the trial's best
-  validation mAP) otherwise; errored trials are FAIL.
+  validation mAP) otherwise; errored trials are FAIL;
+* tags every Optuna trial with its Tune trial id (user attribute ``tune_trial_id``), and after
+  a driver crash (``restore``) hands Optuna trials that were asked for but never reached
+  Tune's saved state to the next new Tune trials, with their parameters, so a resumed study
+  has exactly one Optuna trial per Tune trial and nothing is suggested twice.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import logging
 import math
 from typing import Any
 
+import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
@@ -33,6 +38,28 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         self._max_epochs = int(max_epochs)
         self._objective = objective
         self._reported: dict[str, set[int]] = {}
+        self._orphans: list[int] = []
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if trial_id not in self._ot_trials and self._orphans:
+            self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, self._orphans.pop(0))
+        params = super().suggest(trial_id)
+        if trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)
+        return params
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self.__dict__.setdefault("_orphans", [])
+        known = {t._trial_id for t in self._ot_trials.values()}
+        self._orphans = [
+            t._trial_id
+            for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t._trial_id not in known
+        ]
+        if self._orphans:
+            logger.info("re-using %d Optuna trial(s) asked for before the crash",
+                        len(self._orphans))
 
     def _report(self, trial_id: str, result: dict[str, Any]) -> None:
         value, epoch = result.get(self.metric), result.get("epoch")

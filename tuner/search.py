@@ -9,6 +9,11 @@ NAME), ``trials.parquet`` (every trial's per-epoch metrics), ``leaderboard.csv``
 ``best_config.yaml`` (a space file with the best trial's values, usable again with
 ``--space``), ``test_metrics.json`` (the best trial's best weights scored once on the test
 split) and ``search.json`` (what was run).
+
+Multi-worker trials (``--workers-per-trial N``) run a Ray Train ``TorchTrainer`` inside each
+trial (see :mod:`tuner.trainable`). A crashed or interrupted search continues with
+``--resume OUT/NAME`` (or the same command and ``--name`` again): finished trials are kept,
+unfinished ones resume from their checkpoints and the Optuna study continues.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ from tuner.cli import run_cli
 from tuner.errors import ConfigError
 
 OBJECTIVE = "val_mAP"
+#: CPU share of a multi-worker trial's driver function (it only waits on its Train run)
+DRIVER_CPU = 0.05
+#: custom resource that pins trial drivers to the (non-spot) head node of a cluster
+DRIVER_RESOURCE = "trial_driver"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,12 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, help="registered method name, e.g. hill")
     p.add_argument("--space", required=True, help="search space YAML, e.g. search_spaces/hill.yaml")
     p.add_argument("--trials", type=int, help="number of trials (search.num_trials)")
-    p.add_argument("--concurrency", type=int, help="trials at once (search.max_concurrent)")
+    p.add_argument("--concurrency", type=_int_or_auto,
+                   help="trials at once, or auto (from the cluster's CPUs/GPUs)")
     p.add_argument("--epochs", type=int, help="epoch budget per trial (asha.max_epochs)")
     p.add_argument("--grace-period", type=int, help="ASHA grace period in epochs")
     p.add_argument("--cpus-per-trial", type=float, help="CPUs each trial reserves")
     p.add_argument("--gpus-per-trial", type=float, help="GPUs each trial reserves")
     p.add_argument("--data-cpus", type=float, help="CPUs for each trial's Ray Data pipeline")
+    p.add_argument("--workers-per-trial", type=int,
+                   help="data-parallel Ray Train workers per trial (default 1: no TorchTrainer)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs of each Train worker")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs of each Train worker")
+    p.add_argument("--max-failures", type=int,
+                   help="retries of a failed trial from its last checkpoint (default 2)")
+    p.add_argument("--resume", metavar="EXPERIMENT_DIR",
+                   help="continue an interrupted search in this experiment directory")
     p.add_argument("--seed", type=int, help="sampler seed (search.seed)")
     p.add_argument("--data-dir", help="prepared benchmark directory (default: the cache)")
     p.add_argument("--out", default="experiments", help="experiments root (default ./experiments)")
@@ -60,6 +78,10 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         ("resources", "cpus_per_trial"): args.cpus_per_trial,
         ("resources", "gpus_per_trial"): args.gpus_per_trial,
         ("resources", "data_cpus"): args.data_cpus,
+        ("resources", "workers_per_trial"): args.workers_per_trial,
+        ("resources", "cpus_per_worker"): args.cpus_per_worker,
+        ("resources", "gpus_per_worker"): args.gpus_per_worker,
+        ("search", "max_failures"): args.max_failures,
         ("data", "data_dir"): args.data_dir,
     }
     out: dict[str, dict[str, Any]] = {}
@@ -71,30 +93,113 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _int_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
+
+
+def trial_demand(space: Any) -> dict[str, float]:
+    """Everything one trial holds while it runs: driver, training workers and data CPUs."""
+    res = space.resources
+    if res["workers_per_trial"] > 1:
+        return {
+            "CPU": DRIVER_CPU + res["workers_per_trial"] * res["cpus_per_worker"] + res["data_cpus"],
+            "GPU": res["workers_per_trial"] * res["gpus_per_worker"],
+        }
+    return {"CPU": res["cpus_per_trial"] + res["data_cpus"], "GPU": res["gpus_per_trial"]}
+
+
+def trial_resources(space: Any, cluster: Mapping[str, float]) -> dict[str, float]:
+    """What Tune reserves for a trial's function: all of it (1 worker) or a small driver share.
+
+    A multi-worker trial's function only waits on its TorchTrainer, whose workers reserve
+    their own CPUs/GPUs; on a cluster that defines ``trial_driver`` the function is pinned to
+    the head node with it (cluster.yaml), so spot GPU nodes never host a driver.
+    """
+    res = space.resources
+    if res["workers_per_trial"] > 1:
+        out = {"cpu": DRIVER_CPU}
+        if cluster.get(DRIVER_RESOURCE):
+            out[DRIVER_RESOURCE] = 0.001
+        return out
+    return {"cpu": res["cpus_per_trial"], "gpu": res["gpus_per_trial"]}
+
+
+def concurrency(space: Any, cluster: Mapping[str, float]) -> int:
+    """``search.max_concurrent``, or (``auto``) how many trials the cluster holds at once.
+
+    A trial needs :func:`trial_demand`; the GPUs decide when trials use GPUs, else the CPUs.
+    An autoscaling cluster may have no GPU node yet: auto then starts with 1 and Tune queues
+    the rest (they start as nodes arrive).
+    """
+    wanted = space.search["max_concurrent"]
+    demand = trial_demand(space)
+    fits = [int(cluster.get(k, 0) // v) for k, v in demand.items() if v > 0]
+    capacity = min(fits) if fits else 1
+    if wanted == "auto":
+        return max(1, min(capacity, space.search["num_trials"]))
+    if capacity < wanted:
+        print(f"note: {wanted} concurrent trials need {wanted} x {demand} but the cluster has "
+              f"CPU {cluster.get('CPU', 0):g}, GPU {cluster.get('GPU', 0):g} now; the rest "
+              f"wait for resources (lower --concurrency or add nodes)")
+    return int(wanted)
+
+
 def local_cpus(space: Any, requested: int | None) -> int:
     """Logical CPUs for a local cluster: enough for every concurrent trial and its data CPUs.
 
     Logical CPUs are Ray's scheduling slots, not cores: on a 2-core machine two trials of
     1 training CPU + 1 data CPU need 4 slots, or Ray Data's read tasks wait forever.
     """
-    res = space.resources
-    need = space.search["max_concurrent"] * (res["cpus_per_trial"] + res["data_cpus"])
+    wanted = space.search["max_concurrent"]
+    trials = 1 if wanted == "auto" else wanted
+    need = trials * trial_demand(space)["CPU"]
     return max(int(requested or 0), os.cpu_count() or 1, int(-(-need // 1)))
+
+
+def check_state_api(timeout: float = 30.0) -> None:
+    """Stop with one line when the dashboard / State API does not answer.
+
+    Ray Train's placement-group cleaner learns through the State API that an ASHA-stopped
+    trial's controller died; without the dashboard process those groups are never removed
+    and the next trials wait forever (ray-project/ray#54305).
+    """
+    from ray.util.state import list_nodes
+
+    try:
+        list_nodes(limit=1, timeout=timeout, raise_on_missing_output=False)
+    except Exception as exc:  # noqa: BLE001 - any failure means the same to the user
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConfigError(
+            f"the Ray dashboard / State API does not answer ({first}); stopped trials would "
+            f"never release their resources. Start Ray with the dashboard: install "
+            f"'ray[default]' and use `ray start --head --include-dashboard=true` (or no "
+            f"--address for a local cluster)"
+        ) from None
 
 
 def start_ray(args: argparse.Namespace, space: Any) -> None:
     import ray
 
     if ray.is_initialized():
+        check_state_api()
         return
-    if args.address:
-        ray.init(address=args.address)
-        return
-    num_cpus = local_cpus(space, args.num_cpus)
-    context = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        context = ray.init(address=address)
+        where = f"joined the Ray cluster at {address}"
+    else:
+        num_cpus = local_cpus(space, args.num_cpus)
+        context = ray.init(num_cpus=num_cpus, include_dashboard=True,
+                           dashboard_host="127.0.0.1")
+        where = f"local Ray cluster: {num_cpus} logical CPUs"
     url = getattr(context, "dashboard_url", None)
-    print(f"local Ray cluster: {num_cpus} logical CPUs"
-          + (f"; dashboard at http://{url}" if url else ""))
+    print(where + (f"; dashboard at http://{url}" if url else ""))
+    check_state_api()
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -104,13 +209,10 @@ def _main(argv: Sequence[str] | None) -> int:
 
     methods.get_method_class(args.method)
     space = load_space(args.space, overrides_from_args(args), method=args.method)
-    name = args.name or f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    exp_dir = Path(args.out).resolve() / name
-    if exp_dir.exists():
-        raise ConfigError(f"experiment {exp_dir} exists; choose another --name")
-    data_dir, setup = prepare_data(space)
+    exp_dir, resume = experiment_dir(args)
+    data_dir, setup = prepare_data(space, exp_dir)
     start_ray(args, space)
-    results = run_search(space, setup, exp_dir)
+    results = run_search(space, setup, exp_dir, resume=resume)
     rows = write_outputs(results, space, setup, exp_dir, args, data_dir)
     print(format_leaderboard(rows))
     if not args.no_test:
@@ -123,7 +225,33 @@ def _main(argv: Sequence[str] | None) -> int:
     return 0
 
 
-def prepare_data(space: Any) -> tuple[Path, Any]:
+def experiment_dir(args: argparse.Namespace) -> tuple[Path, bool]:
+    """The experiment directory and whether to resume it.
+
+    ``--resume DIR`` continues DIR; ``--name NAME`` of an existing, resumable experiment also
+    continues it (re-running the same command after a crash is enough).
+    """
+    from ray import tune
+
+    if args.resume:
+        exp_dir = Path(args.resume).resolve()
+        if not tune.Tuner.can_restore(str(exp_dir)):
+            raise ConfigError(f"--resume {args.resume}: no Tune experiment state there; pass "
+                              f"the experiment directory a search printed (OUT/NAME)")
+        print(f"resuming the search in {exp_dir}")
+        return exp_dir, True
+    name = args.name or f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    exp_dir = Path(args.out).resolve() / name
+    if exp_dir.exists():
+        if tune.Tuner.can_restore(str(exp_dir)):
+            print(f"experiment {exp_dir} exists: resuming it")
+            return exp_dir, True
+        raise ConfigError(f"experiment {exp_dir} exists and holds no resumable search; "
+                          f"choose another --name")
+    return exp_dir, False
+
+
+def prepare_data(space: Any, exp_dir: Path | None = None) -> tuple[Path, Any]:
     """Build/verify the benchmark and its label view on the driver, once per search."""
     from tuner.data.prepared import PreparedData, ensure_prepared
     from tuner.trainable import TrialSetup
@@ -146,20 +274,28 @@ def prepare_data(space: Any) -> tuple[Path, Any]:
         data_cpus=float(res["data_cpus"]),
         groups=data.groups(),
         stats_from_clean=space.data["class_stats"] == "clean",
+        workers_per_trial=int(res["workers_per_trial"]),
+        cpus_per_worker=float(res["cpus_per_worker"]),
+        gpus_per_worker=float(res["gpus_per_worker"]),
+        train_storage=str(exp_dir / "train_runs") if exp_dir is not None else "",
     )
     return data_dir, setup
 
 
-def run_search(space: Any, setup: Any, exp_dir: Path) -> Any:
-    """Run the Tune experiment; returns the ResultGrid."""
+def run_search(space: Any, setup: Any, exp_dir: Path, resume: bool = False) -> Any:
+    """Run (or, with ``resume``, continue) the Tune experiment; returns the ResultGrid."""
     import optuna
+    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from tuner.optuna_search import PrunedAwareOptunaSearch
     from tuner.trainable import train_trial
 
-    exp_dir.mkdir(parents=True)
+    # save Tune's experiment state (trials + searcher) at every step, so a crash loses as
+    # little as possible (the state is small)
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    exp_dir.mkdir(parents=True, exist_ok=resume)
     search = space.search
     startup = search["n_startup_trials"] or max(2, search["num_trials"] // 3)
     searcher = PrunedAwareOptunaSearch(
@@ -178,11 +314,14 @@ def run_search(space: Any, setup: Any, exp_dir: Path) -> Any:
         grace_period=asha["grace_period"],
         reduction_factor=asha["reduction_factor"],
     )
-    res = space.resources
+    cluster = ray.cluster_resources()
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, setup=setup),
-        {"cpu": res["cpus_per_trial"], "gpu": res["gpus_per_trial"]},
+        tune.with_parameters(train_trial, setup=setup), trial_resources(space, cluster)
     )
+    if resume:
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+        return tuner.fit()
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -191,13 +330,13 @@ def run_search(space: Any, setup: Any, exp_dir: Path) -> Any:
             search_alg=searcher,
             scheduler=scheduler,
             num_samples=search["num_trials"],
-            max_concurrent_trials=search["max_concurrent"],
+            max_concurrent_trials=concurrency(space, cluster),
         ),
         run_config=tune.RunConfig(
             name=exp_dir.name,
             storage_path=str(exp_dir.parent),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            failure_config=tune.FailureConfig(max_failures=0),
+            failure_config=tune.FailureConfig(max_failures=search["max_failures"]),
             verbose=1,
         ),
     )
@@ -273,9 +412,11 @@ def write_outputs(results: Any, space: Any, setup: Any, exp_dir: Path, args: Any
 
 def best_result(results: Any) -> Any:
     """The non-failed trial with the highest best validation mAP (never test)."""
+    from tuner.trainable import trial_checkpoint
+
     best, score = None, float("-inf")
     for result in results:
-        if result.error is None and result.checkpoint is not None and result.metrics:
+        if result.error is None and trial_checkpoint(result) is not None and result.metrics:
             value = result.metrics.get("best_val_mAP", float("-inf"))
             if value > score:
                 best, score = result, value
@@ -286,12 +427,12 @@ def score_test(result: Any, setup: Any, space: Any) -> dict[str, float]:
     """Score the chosen trial's best weights on the test split, once, on the cluster."""
     import ray
 
-    from tuner.trainable import evaluate_checkpoint
+    from tuner.trainable import evaluate_checkpoint, trial_checkpoint
 
     res = space.resources
     task = ray.remote(evaluate_checkpoint).options(
         num_cpus=res["cpus_per_trial"], num_gpus=res["gpus_per_trial"])
-    return ray.get(task.remote(result.checkpoint, result.config, setup, "test"))
+    return ray.get(task.remote(trial_checkpoint(result), result.config, setup, "test"))
 
 
 def _fmt_metrics(metrics: Mapping[str, float]) -> str:

@@ -7,8 +7,10 @@ A space file has these sections (see ``search_spaces/*.yaml``)::
     train:     training hyperparameters (TrainConfig fields)     constants or domains
     params:    the method's hyperparameters (its Params fields)  constants or domains
     asha:      {max_epochs, grace_period, reduction_factor}
-    search:    {num_trials, max_concurrent, seed, n_startup_trials}
-    resources: {cpus_per_trial, gpus_per_trial, data_cpus}
+    search:    {num_trials, max_concurrent (an integer or auto), seed, n_startup_trials,
+                max_failures}
+    resources: {cpus_per_trial, gpus_per_trial, data_cpus, workers_per_trial, cpus_per_worker,
+                gpus_per_worker}
 
 A domain is a one-key mapping in Ray Tune's vocabulary: ``uniform: [lo, hi]``,
 ``loguniform: [lo, hi]``, ``randint: [lo, hi]`` (hi exclusive), ``choice: [a, b, ...]``.
@@ -44,8 +46,10 @@ SECTIONS = {
     "train": None,
     "params": None,
     "asha": {"max_epochs": 6, "grace_period": 2, "reduction_factor": 2},
-    "search": {"num_trials": 8, "max_concurrent": 2, "seed": 0, "n_startup_trials": None},
-    "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "data_cpus": 1},
+    "search": {"num_trials": 8, "max_concurrent": 2, "seed": 0, "n_startup_trials": None,
+               "max_failures": 2},
+    "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "data_cpus": 1,
+                  "workers_per_trial": 1, "cpus_per_worker": 1, "gpus_per_worker": 0},
 }
 BUDGET_NAMES = ("max_epochs",)
 _INVALID = object()  # placeholder of a domain that failed to parse (already reported)
@@ -226,7 +230,10 @@ def _check_settings(space: dict[str, dict[str, Any]], problems: list[str]) -> No
     ints = [("asha.max_epochs", asha["max_epochs"], 1), ("asha.grace_period", asha["grace_period"], 1),
             ("asha.reduction_factor", asha["reduction_factor"], 2),
             ("search.num_trials", search["num_trials"], 1),
-            ("search.max_concurrent", search["max_concurrent"], 1), ("search.seed", search["seed"], 0)]
+            ("search.seed", search["seed"], 0), ("search.max_failures", search["max_failures"], 0),
+            ("resources.workers_per_trial", res["workers_per_trial"], 1)]
+    if search["max_concurrent"] != "auto":
+        ints.append(("search.max_concurrent", search["max_concurrent"], 1))
     for where, value, low in ints:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             problems.append(f"{where}: must be an integer >= {low}, got {value!r}")
@@ -234,12 +241,15 @@ def _check_settings(space: dict[str, dict[str, Any]], problems: list[str]) -> No
     if all(isinstance(v, int) for v in budget) and budget[0] > budget[1]:
         problems.append(f"asha.grace_period: must be <= max_epochs={asha['max_epochs']}, "
                         f"got {asha['grace_period']}")
-    for key in ("cpus_per_trial", "gpus_per_trial", "data_cpus"):
+    for key in ("cpus_per_trial", "gpus_per_trial", "data_cpus", "cpus_per_worker",
+                "gpus_per_worker"):
         value = res[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             problems.append(f"resources.{key}: must be a number >= 0, got {value!r}")
     if isinstance(res["cpus_per_trial"], (int, float)) and res["cpus_per_trial"] <= 0:
         problems.append("resources.cpus_per_trial: must be > 0 (a trial needs a CPU slot)")
+    if isinstance(res["cpus_per_worker"], (int, float)) and res["cpus_per_worker"] <= 0:
+        problems.append("resources.cpus_per_worker: must be > 0 (a Train worker needs a CPU slot)")
     if space["data"]["class_stats"] not in ("observed", "clean"):
         problems.append(f"data.class_stats: must be observed or clean, "
                         f"got {space['data']['class_stats']!r}")

@@ -1,9 +1,27 @@
-"""The Ray Tune function trainable: one trial = the shared loop on one worker.
+"""The Ray Tune function trainable: one trial = the shared loop on one or several workers.
 
 This and :mod:`tuner.search` are the only modules that import Ray Tune. A trial builds its
 method, model and data from the trial ``config`` (``{"train": {...}, "method": {...}}``) and the
-search-wide :class:`TrialSetup`, restores from its own Tune checkpoint when relaunched, and
-reports ``epoch`` plus validation metrics after every epoch with a checkpoint of the full state.
+search-wide :class:`TrialSetup`, restores from its own checkpoint when relaunched, and reports
+``epoch`` plus validation metrics after every epoch with a checkpoint of the full state.
+
+* **One worker** (``workers_per_trial == 1``): the loop runs in the Tune function itself,
+  streaming its Ray Data pipeline; checkpoints are Tune checkpoints.
+* **Several workers**: the Tune function (a small CPU fraction) runs a Ray Train
+  ``TorchTrainer`` (Train V2) named after the Tune trial id, whose workers run the same loop
+  data-parallel (:mod:`tuner.distributed`: gradients averaged every step, per-sample method
+  state merged with ``method.dist``). The training stream is split with Ray Data's
+  ``streaming_split(equal=True)`` (Train's default), so each worker sees a disjoint, equal
+  shard of every epoch; ``train.batch_size`` stays the *global* batch (each worker takes
+  ``ceil(batch_size / workers)``), so a configuration means the same on 1 or N workers.
+  Rank 0 saves the checkpoint; ``TuneReportCallback`` forwards rank 0's metrics, with the
+  Train checkpoint's path as ``checkpoint_path``. A relaunched trial's Train run restores
+  from its own latest checkpoint.
+
+Deterministic failures (a non-finite loss, a bad configuration or data) are recorded in the
+trial directory (``fatal_error.txt``) so Tune's retries re-raise them at once instead of
+training again; other failures (a lost node, a killed worker) are retried from the last
+checkpoint.
 """
 
 from __future__ import annotations
@@ -11,7 +29,8 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +49,17 @@ from tuner.data.stream import (
     sample_repeats,
     train_dataset,
 )
+from tuner.errors import ConfigError, DataError, NonFiniteLossError, TunerError
 from tuner.loop import TrainConfig, TrainData, evaluate, fit
 
 STATE_FILE = "state.pt"
+FATAL_FILE = "fatal_error.txt"
+#: errors that a retry would only repeat
+DETERMINISTIC = (NonFiniteLossError, ConfigError, DataError)
+
+
+class TrialFatalError(TunerError):
+    """A trial failed deterministically earlier; its retry re-raises instead of training."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +74,11 @@ class TrialSetup:
     data_cpus: float = 1.0
     groups: Mapping[str, list[int]] = field(default_factory=dict)
     stats_from_clean: bool = False
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    #: where multi-worker trials keep their Train runs (the experiment's ``train_runs/``)
+    train_storage: str = ""
 
 
 def train_config(config: Mapping[str, Any], setup: TrialSetup) -> TrainConfig:
@@ -80,39 +112,183 @@ def load_state(checkpoint: Any) -> dict[str, Any] | None:
         return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
 
 
-def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
-    """Tune function trainable: train one configuration, reporting every epoch."""
-    from ray import tune
-
-    torch.set_num_threads(max(1, math.floor(setup.cpus_per_trial)))
-    cfg = train_config(config, setup)
-    data = PreparedData(setup.data_dir)
-    observed = torch.from_numpy(data.view_labels(setup.view)).float()
-    method = create_method(setup.method, config.get("method", {}), task_info(data, setup, len(observed)))
-    model = build_model(cfg.backbone, data.num_classes, cfg.weights)
+def build_train_data(
+    setup: TrialSetup,
+    cfg: TrainConfig,
+    data: PreparedData,
+    observed: torch.Tensor,
+    stream: Any,
+    batch_size: int,
+    world_size: int = 1,
+) -> TrainData:
+    """The loop's data: the training stream (or a worker's shard of it) and the val split."""
     val_images, _ = load_split(data.shard_files("val"), cfg.image_size)
     _, val_targets = data.true_labels("val")
-    configure_data_context(setup.data_cpus)
-    augment = data.manifest["image"].get("augment", "flip")
-    stream = train_dataset(data.shard_files("train"), cfg.image_size, augment)
-    train_data = TrainData(
-        train_batches=lambda epoch, weights: iter_train_batches(
-            stream, cfg.batch_size,
-            repeats=None if weights is None else sample_repeats(weights, cfg.seed * 100003 + epoch),
-        ),
+
+    def batches(epoch: int, weights: Any) -> Any:
+        repeats = None
+        if weights is not None:  # the same draw on every worker; each applies it to its shard
+            repeats = sample_repeats(weights, cfg.seed * 100003 + epoch)
+        return iter_train_batches(stream, batch_size, repeats=repeats)
+
+    return TrainData(
+        train_batches=batches,
         train_targets=observed,
-        steps_per_epoch=math.ceil(len(observed) / cfg.batch_size),
+        steps_per_epoch=math.ceil(len(observed) / (batch_size * world_size)),
         val_images=val_images,
         val_targets=val_targets,
         groups=setup.groups,
     )
+
+
+def _method_and_model(config: Mapping[str, Any], setup: TrialSetup, cfg: TrainConfig,
+                      data: PreparedData) -> tuple[Any, Any, torch.Tensor]:
+    observed = torch.from_numpy(data.view_labels(setup.view)).float()
+    method = create_method(setup.method, config.get("method", {}),
+                           task_info(data, setup, len(observed)))
+    model = build_model(cfg.backbone, data.num_classes, cfg.weights)
+    return method, model, observed
+
+
+def _stream(data: PreparedData, cfg: TrainConfig, setup: TrialSetup) -> Any:
+    configure_data_context(setup.data_cpus)
+    augment = data.manifest["image"].get("augment", "flip")
+    return train_dataset(data.shard_files("train"), cfg.image_size, augment)
+
+
+def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """Tune function trainable: train one configuration, reporting every epoch."""
+    from ray import tune
+
+    started_at = time.time()
+    _guard_deterministic(lambda: _train_trial(config, setup, started_at),
+                         tune.get_context().get_trial_dir())
+
+
+def _train_trial(config: dict[str, Any], setup: TrialSetup, started_at: float) -> None:
+    from ray import tune
+
+    if setup.workers_per_trial > 1:
+        _train_trial_multi(config, setup, started_at)
+        return
+    torch.set_num_threads(max(1, math.floor(setup.cpus_per_trial)))
+    cfg = train_config(config, setup)
+    data = PreparedData(setup.data_dir)
+    method, model, observed = _method_and_model(config, setup, cfg, data)
+    train_data = build_train_data(setup, cfg, data, observed, _stream(data, cfg, setup),
+                                  cfg.batch_size)
 
     def report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(state, os.path.join(tmp, STATE_FILE))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
-    fit(method, model, cfg, train_data, report, resume=load_state(tune.get_checkpoint()))
+    fit(method, model, cfg, train_data, report, resume=load_state(tune.get_checkpoint()),
+        started_at=started_at)
+
+
+def _guard_deterministic(run: Callable[[], None], trial_dir: str | None) -> None:
+    """Run the trial; record deterministic failures so that retries re-raise them at once."""
+    marker = Path(trial_dir) / FATAL_FILE if trial_dir else None
+    if marker is not None and marker.is_file():
+        raise TrialFatalError(f"not retried: {marker.read_text().strip()}")
+    try:
+        run()
+    except Exception as exc:
+        text = f"{type(exc).__name__}: {exc}"
+        names = [cls.__name__ for cls in DETERMINISTIC]
+        if marker is not None and (
+            isinstance(exc, DETERMINISTIC) or any(name in text for name in names)
+        ):
+            marker.write_text(_last_line(text) + "\n")
+        raise
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if any(cls.__name__ in line for cls in DETERMINISTIC):
+            return line[:500]
+    return (lines[-1] if lines else text)[:500]
+
+
+# ---------------------------------------------------------------- several workers per trial
+def _train_trial_multi(config: dict[str, Any], setup: TrialSetup, started_at: float) -> None:
+    """Run the trial as a Ray Train ``TorchTrainer`` named after the Tune trial id."""
+    from ray import tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = train_config(config, setup)
+    data = PreparedData(setup.data_dir)
+    trial_id = tune.get_context().get_trial_id()
+    resources = {"CPU": setup.cpus_per_worker}
+    if setup.gpus_per_worker:
+        resources["GPU"] = setup.gpus_per_worker
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"config": config, "setup": setup, "started_at": started_at},
+        scaling_config=ScalingConfig(
+            num_workers=setup.workers_per_trial,
+            use_gpu=setup.gpus_per_worker > 0,
+            resources_per_worker=resources,
+        ),
+        torch_config=TorchConfig(backend="nccl" if setup.gpus_per_worker > 0 else "gloo"),
+        datasets={"train": _stream(data, cfg, setup)},
+        run_config=RunConfig(
+            name=str(trial_id),
+            storage_path=setup.train_storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=0),  # Tune retries the whole trial
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+def _worker_loop(loop_config: dict[str, Any]) -> None:
+    """One Train worker: the shared loop on this worker's shard, data-parallel."""
+    import ray.train
+    import ray.train.torch
+
+    from tuner.distributed import TorchDist
+
+    config, setup = loop_config["config"], loop_config["setup"]
+    context = ray.train.get_context()
+    world, rank = context.get_world_size(), context.get_world_rank()
+    torch.set_num_threads(max(1, math.floor(setup.cpus_per_worker)))
+    cfg = train_config(config, setup)
+    data = PreparedData(setup.data_dir)
+    method, model, observed = _method_and_model(config, setup, cfg, data)
+    shard = ray.train.get_dataset_shard("train")
+    per_worker = max(1, math.ceil(cfg.batch_size / world))
+    train_data = build_train_data(setup, cfg, data, observed, shard, per_worker, world)
+
+    def report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+        metrics = {**metrics, "workers": world}
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(state, os.path.join(tmp, STATE_FILE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    fit(method, model, cfg, train_data, report, resume=load_state(ray.train.get_checkpoint()),
+        device=ray.train.torch.get_device(), dist=TorchDist(),
+        started_at=loop_config.get("started_at"))
+
+
+def trial_checkpoint(result: Any) -> Any:
+    """A finished trial's latest checkpoint: Tune's own, or its Train run's (several workers)."""
+    if result.checkpoint is not None:
+        return result.checkpoint
+    path = (result.metrics or {}).get("checkpoint_path")
+    if path:
+        from ray.tune import Checkpoint
+
+        return Checkpoint(path)
+    return None
 
 
 def evaluate_checkpoint(

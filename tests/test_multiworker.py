@@ -1,0 +1,57 @@
+"""A real search whose trials each train on 2 Ray Train workers (CPU, gloo), with ASHA."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from tuner import search
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    tmp = tmp_path_factory.mktemp("multiworker")
+    space = yaml.safe_load((ROOT / "search_spaces/bce.yaml").read_text())
+    space["asha"] = {"max_epochs": 3, "grace_period": 1, "reduction_factor": 3}
+    space["search"].update(num_trials=3, max_concurrent=1, seed=0, n_startup_trials=3)
+    space["resources"].update(workers_per_trial=2, cpus_per_worker=1, data_cpus=1)
+    path = tmp / "bce.yaml"
+    path.write_text(yaml.safe_dump(space))
+    code = search.main(["--method", "bce", "--space", str(path), "--out", str(tmp / "exp"),
+                        "--name", "mw", "--data-dir", str(tmp / "data")])
+    ray.shutdown()
+    assert code == 0
+    return tmp / "exp" / "mw"
+
+
+def test_every_trial_ran_on_two_workers_and_asha_stopped_one(experiment: Path) -> None:
+    trials = pd.read_parquet(experiment / "trials.parquet")
+    assert trials["trial_id"].nunique() == 3
+    assert set(trials["workers"]) == {2}
+    epochs = trials.groupby("trial_id")["epoch"].max()
+    assert (epochs < 3).any(), "ASHA stopped no trial; the test needs one"
+    assert (epochs == 3).any()
+    for _, rows in trials.groupby("trial_id"):
+        assert sorted(rows["epoch"]) == list(range(1, len(rows) + 1))
+    study = optuna.load_study(study_name="mw", storage=f"sqlite:///{experiment / 'optuna.db'}")
+    assert sorted(t.state.name for t in study.trials).count("PRUNED") == int((epochs < 3).sum())
+
+
+def test_the_train_runs_are_named_after_the_trials_and_score_on_test(experiment: Path) -> None:
+    runs = {p.name for p in (experiment / "train_runs").iterdir() if p.is_dir()}
+    trials = pd.read_parquet(experiment / "trials.parquet")
+    assert set(trials["trial_id"]) <= runs
+    test = json.loads((experiment / "test_metrics.json").read_text())
+    assert 0 <= test["mAP"] <= 100

@@ -1,0 +1,87 @@
+"""A search killed mid-way (the driver's whole process group, SIGKILL) and resumed."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+NUM_TRIALS, EPOCHS = 4, 3
+
+
+def _finished_trials(exp: Path) -> int:
+    db = exp / "optuna.db"
+    if not db.is_file():
+        return 0
+    try:
+        study = optuna.load_study(study_name=exp.name, storage=f"sqlite:///{db}")
+    except Exception:  # noqa: BLE001 - the study may not exist yet
+        return 0
+    return sum(t.state.is_finished() for t in study.trials)
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver's process group and the Ray processes of its session."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    pattern = re.compile(rf"session_[0-9_-]+_{proc.pid}\b")
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if pattern.search(args):
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_killed_search_resumes_without_losing_or_repeating_trials(tmp_path: Path) -> None:
+    space = yaml.safe_load((ROOT / "search_spaces/bce.yaml").read_text())
+    space["asha"] = {"max_epochs": EPOCHS, "grace_period": EPOCHS, "reduction_factor": 2}
+    space["search"].update(num_trials=NUM_TRIALS, max_concurrent=1, seed=0)
+    path = tmp_path / "bce.yaml"
+    path.write_text(yaml.safe_dump(space))
+    exp = tmp_path / "exp" / "crash"
+    cmd = [sys.executable, "-m", "tuner.search", "--method", "bce", "--space", str(path),
+           "--out", str(tmp_path / "exp"), "--name", "crash", "--data-dir", str(tmp_path / "data"),
+           "--no-test"]
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 400
+    try:
+        while _finished_trials(exp) < 1:  # kill after one finished trial, mid-way
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the first trial never finished"
+            time.sleep(1)
+        time.sleep(3)  # let the next trial start and report
+    finally:
+        _kill_session(proc)
+    assert _finished_trials(exp) < NUM_TRIALS
+
+    resumed = subprocess.run(cmd[:-1] + ["--resume", str(exp), "--no-test"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming the search" in resumed.stdout
+
+    trials = pd.read_parquet(exp / "trials.parquet")
+    assert trials["trial_id"].nunique() == NUM_TRIALS
+    for trial_id, rows in trials.groupby("trial_id"):
+        assert sorted(rows["epoch"]) == list(range(1, EPOCHS + 1)), trial_id  # no gap, no repeat
+    configs = trials.groupby("trial_id")["config/train/lr"].first()
+    assert configs.nunique() == NUM_TRIALS  # nothing suggested twice
+    study = optuna.load_study(study_name="crash", storage=f"sqlite:///{exp / 'optuna.db'}")
+    assert len(study.trials) == NUM_TRIALS
+    assert all(t.state.name == "COMPLETE" for t in study.trials)
+    assert {t.user_attrs["tune_trial_id"] for t in study.trials} == set(trials["trial_id"])
