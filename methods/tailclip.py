@@ -394,8 +394,8 @@ class TailCLIP(Method):
         image_emb = model.encode_image(image)
         caption_emb = model.encode_text(self.caption_tokens(batch).to(image.device))
         scale = model.logit_scale()
-        logits = scale * image_emb @ self._epoch_class_embeddings(model, image.device).T.to(
-            image_emb)
+        class_emb = self._epoch_class_embeddings(model, image.device)
+        logits = (scale * image_emb @ class_emb.T.to(image_emb)).float()  # fp32 loss under AMP
         loss_clip = contrastive_loss(image_emb, caption_emb, scale)
         loss_bal = self.balanced_loss(logits, batch["target"])
         loss = loss_clip + self.params.lambda_bal / self.task.num_classes * loss_bal
