@@ -146,3 +146,18 @@ def test_on_prem_variant_from_the_docs_validates(raw: dict[str, Any]) -> None:
     prepared = ray_validate(cfg)
     assert prepared["provider"]["type"] == "local"
     assert prepared["available_node_types"]["local.cluster.node"]["max_workers"] == 1
+
+
+def test_search_progress_classifies_trial_outcomes() -> None:
+    """Outside Ray the export is a no-op, but the counting is the same as on a cluster."""
+    from tuner.monitoring import SearchProgress, images_per_second
+
+    progress = SearchProgress("unit", max_epochs=3)
+    progress.result({"val_mAP": 40.0, "epoch": 1})
+    progress.ended({"val_mAP": 55.5, "epoch": 3})  # ran its budget
+    progress.ended({"val_mAP": 35.0, "epoch": 1})  # stopped by ASHA
+    progress.ended(None, failed=True)
+    progress.result({"val_mAP": float("nan")})
+    assert progress.counts == {"finished": 1, "pruned": 1, "failed": 1}
+    assert progress.best == 55.5
+    assert images_per_second({"train_images": 880, "train_time": 2.2}) == pytest.approx(400.0)
