@@ -168,10 +168,12 @@ def check_state_api(timeout: float = 30.0) -> None:
     trial's controller died; without the dashboard process those groups are never removed
     and the next trials wait forever (ray-project/ray#54305).
     """
+    import ray
     from ray.util.state import list_nodes
 
-    try:
-        list_nodes(limit=1, timeout=timeout, raise_on_missing_output=False)
+    try:  # this cluster's address: other Ray instances may run on the same machine
+        list_nodes(address=ray.get_runtime_context().gcs_address, limit=1, timeout=timeout,
+                   raise_on_missing_output=False)
     except Exception as exc:  # noqa: BLE001 - any failure means the same to the user
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ConfigError(
@@ -318,6 +320,7 @@ def run_search(space: Any, setup: Any, exp_dir: Path, resume: bool = False) -> A
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, setup=setup), trial_resources(space, cluster)
     )
+    progress = _progress_callback(exp_dir.name, space.max_epochs)
     if resume:
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
@@ -337,10 +340,34 @@ def run_search(space: Any, setup: Any, exp_dir: Path, resume: bool = False) -> A
             storage_path=str(exp_dir.parent),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=search["max_failures"]),
+            callbacks=[progress],
             verbose=1,
         ),
     )
     return tuner.fit()
+
+
+def _progress_callback(experiment: str, max_epochs: int) -> Any:
+    """A Tune callback exporting the search's progress (tuner.monitoring) to Ray's metrics."""
+    from ray.tune import Callback
+
+    from tuner.monitoring import SearchProgress
+
+    class _Progress(Callback):
+        def setup(self, **info: Any) -> None:
+            self.progress = SearchProgress(experiment, max_epochs, objective=OBJECTIVE)
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                            **info: Any) -> None:
+            self.progress.result(result)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.progress.ended(trial.last_result)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.progress.ended(trial.last_result, failed=True)
+
+    return _Progress()
 
 
 def trial_status(result: Any, max_epochs: int) -> str:

@@ -51,6 +51,7 @@ from tuner.data.stream import (
 )
 from tuner.errors import ConfigError, DataError, NonFiniteLossError, TunerError
 from tuner.loop import TrainConfig, TrainData, evaluate, fit
+from tuner.monitoring import trial_metrics
 
 STATE_FILE = "state.pt"
 FATAL_FILE = "fatal_error.txt"
@@ -178,7 +179,11 @@ def _train_trial(config: dict[str, Any], setup: TrialSetup, started_at: float) -
     train_data = build_train_data(setup, cfg, data, observed, _stream(data, cfg, setup),
                                   cfg.batch_size)
 
+    context = tune.get_context()
+    trial_id, experiment = context.get_trial_id(), context.get_experiment_name()
+
     def report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+        trial_metrics(metrics, trial_id, experiment)
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(state, os.path.join(tmp, STATE_FILE))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
@@ -228,7 +233,9 @@ def _train_trial_multi(config: dict[str, Any], setup: TrialSetup, started_at: fl
         resources["GPU"] = setup.gpus_per_worker
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"config": config, "setup": setup, "started_at": started_at},
+        train_loop_config={"config": config, "setup": setup, "started_at": started_at,
+                           "trial_id": str(trial_id),
+                           "experiment": tune.get_context().get_experiment_name()},
         scaling_config=ScalingConfig(
             num_workers=setup.workers_per_trial,
             use_gpu=setup.gpus_per_worker > 0,
@@ -270,6 +277,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
+        trial_metrics(metrics, loop_config["trial_id"], loop_config["experiment"])
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(state, os.path.join(tmp, STATE_FILE))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -1,0 +1,80 @@
+"""Trial overhead: start-up and the share of a trial's wall time not spent training or evaluating.
+
+Runs the same small search twice on a fresh local Ray cluster, with 1 and with N Train
+workers per trial, and prints per trial:
+
+* ``startup``: seconds from the trial function's start to its first training step (process,
+  model and dataset set-up; for N workers also the TorchTrainer, its worker group and the
+  streaming split);
+* ``overhead``: ``1 - (train_time + eval_time) / wall`` over the trial's epochs, where
+  ``wall`` is Tune's ``time_total_s`` (set-up, reporting and checkpointing included);
+
+and the ratio of the N-worker start-up to the 1-worker start-up (the baseline of this run).
+
+    python benchmarks/trial_overhead.py --epochs 4 --trials 2 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(method: str, workers: int, args: argparse.Namespace, tmp: Path) -> pd.DataFrame:
+    import ray
+
+    from tuner import search
+
+    space = yaml.safe_load((ROOT / f"search_spaces/{method}.yaml").read_text())
+    space["asha"] = {"max_epochs": args.epochs, "grace_period": args.epochs, "reduction_factor": 2}
+    space["search"].update(num_trials=args.trials, max_concurrent=1, seed=0)
+    space["resources"].update(workers_per_trial=workers, cpus_per_worker=1)
+    path = tmp / f"{method}-{workers}.yaml"
+    path.write_text(yaml.safe_dump(space))
+    name = f"overhead-{workers}w"
+    code = search.main(["--method", method, "--space", str(path), "--out", str(tmp),
+                        "--name", name, "--no-test"]
+                       + (["--data-dir", args.data_dir] if args.data_dir else []))
+    ray.shutdown()
+    if code != 0:
+        sys.exit(f"the {workers}-worker search failed (exit {code})")
+    trials = pd.read_parquet(tmp / name / "trials.parquet")
+    rows = []
+    for trial_id, df in trials.groupby("trial_id"):
+        df = df.sort_values("epoch")
+        wall = float(df["time_total_s"].iloc[-1])
+        busy = float((df["train_time"] + df["eval_time"]).sum())
+        rows.append({"workers": workers, "trial": trial_id, "epochs": int(df["epoch"].max()),
+                     "wall_s": wall, "startup_s": float(df["startup_time"].iloc[0]),
+                     "overhead": 1.0 - busy / wall})
+    return pd.DataFrame(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--method", default="bce")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--trials", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="workers of the multi-worker run")
+    p.add_argument("--data-dir", help="prepared DigitsMLT (default: the cache)")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        table = pd.concat([run(args.method, 1, args, Path(tmp)),
+                           run(args.method, args.workers, args, Path(tmp))])
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    by = table.groupby("workers")[["startup_s", "overhead", "wall_s"]].mean()
+    print("\nmean per trial:\n" + by.to_string(float_format=lambda v: f"{v:.3f}"))
+    base, multi = by.loc[1, "startup_s"], by.loc[args.workers, "startup_s"]
+    print(f"\nstart-up: 1 worker {base:.1f} s, {args.workers} workers {multi:.1f} s, "
+          f"ratio {multi / base:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
