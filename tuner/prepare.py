@@ -102,7 +102,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.benchmark in EMBEDDED:
         manifest = prepare_digits(
             args.out, seed=args.seed, rows_per_shard=args.rows_per_shard or 64,
-            overwrite=args.overwrite,
+            overwrite=args.overwrite, progress=not args.no_progress,
         )
     else:
         manifest = _prepare_real(args)

@@ -154,7 +154,8 @@ def read_coco_instances(path: str | Path) -> tuple[LabelledImages, list[str]]:
         categories = sorted(data["categories"], key=lambda c: c["id"])
         images, annotations = data["images"], data["annotations"]
     except OSError as exc:
-        raise DataError(f"cannot read {path} ({exc}); pass the instances JSON") from exc
+        raise DataError(f"cannot read {path} ({exc.strerror}); pass the instances JSON with "
+                        f"--annotations (or --test-annotations)") from exc
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise DataError(f"{path} is not a COCO instances JSON ({type(exc).__name__}: {exc})") from exc
     column = {c["id"]: k for k, c in enumerate(categories)}
