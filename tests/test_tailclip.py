@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -336,3 +337,36 @@ def test_loop_resume_continues_exactly() -> None:
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_mAP"] == pytest.approx(b["val_mAP"], rel=1e-5)
     assert seen_weights[0] is not None and seen_weights[0].shape == (n,)
+
+
+@pytest.mark.integration
+def test_tiny_search_runs_end_to_end(digits_dir, tmp_path) -> None:
+    """The shipped space through Ray Tune: 2 trials x 1 epoch, then the test-split score."""
+    import json
+    import shutil
+
+    import pandas as pd
+    import ray
+    import yaml
+
+    from tuner import search
+
+    if ray.is_initialized():
+        ray.shutdown()
+    data = tmp_path / "data"
+    shutil.copytree(digits_dir, data)
+    root = Path(__file__).resolve().parents[1]
+    space = yaml.safe_load((root / "search_spaces/tailclip.yaml").read_text())
+    space["asha"] = {"max_epochs": 1, "grace_period": 1, "reduction_factor": 2}
+    space["search"].update(num_trials=2, max_concurrent=2)
+    path = tmp_path / "tailclip.yaml"
+    path.write_text(yaml.safe_dump(space))
+    code = search.main(["--method", "tailclip", "--space", str(path), "--out",
+                        str(tmp_path / "exp"), "--name", "it", "--data-dir", str(data)])
+    ray.shutdown()
+    assert code == 0
+    board = pd.read_csv(tmp_path / "exp" / "it" / "leaderboard.csv")
+    assert len(board) == 2 and (board["status"] == "COMPLETE").all()
+    assert board["val_mAP"].between(0, 100).all()
+    test = json.loads((tmp_path / "exp" / "it" / "test_metrics.json").read_text())
+    assert 0 <= test["mAP"] <= 100
