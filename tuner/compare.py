@@ -333,11 +333,14 @@ def plot_comparison(table: pd.DataFrame, seeds: pd.DataFrame, settings: Settings
                label=key.replace("mAP_", "") if key != "mAP" else "total")
         for x, name in zip(xs, done["method"]):
             values = seeds.loc[seeds["method"] == name, key]
-            ax.plot([x] * len(values), values, "k.", ms=3)
+            ax.plot([x] * len(values), values, "o", ms=3.5, mfc="white", mec="k", mew=0.8)
+    ax.plot([], [], "o", ms=3.5, mfc="white", mec="k", label="seeds")
     ax.set_xticks(range(len(done)), done["method"])
+    top = np.nanmax(seeds[list(METRICS)].to_numpy(dtype=float))
+    ax.set_ylim(0, 1.2 * top)
     ax.set(ylabel="test mAP (%)", title=f"{settings.label_regime}: {settings.trials} trials x "
            f"{settings.epochs} epochs per method, {settings.seeds} seeds")
-    ax.legend(fontsize=8, ncol=4, loc="lower right")
+    ax.legend(fontsize=8, ncol=5, loc="upper center")
     out.mkdir(exist_ok=True)
     return save_figure(fig, out / "comparison.png")
 
