@@ -445,14 +445,15 @@ class COMIC(Method):
                      means: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """PFM, weighted RLC and recalled counts ``(C,)`` of one branch on its view."""
         prm = self.params
-        plain = net.logits(branch, feats)
+        plain = net.logits(branch, feats).float()  # losses in float32 (also under autocast)
         attn = attention_scores(target, self.cooc.to(plain))
         pfm = pfm_loss(plain, target, attn, self.pfm_weights.to(plain), gamma_pos=prm.gamma_pos,
                        gamma_neg=prm.gamma_neg, clip=prm.clip, gamma_class_ng=prm.gamma_class_ng)
         zero = plain.new_zeros(())
         if not self._corrector_active() or prm.rlc_weight == 0:
             return pfm, zero, torch.zeros_like(self.counts)
-        moving = plain if branch == "balanced" else net.logits(branch, feats, means[BRANCHES.index(branch)])
+        moving = plain if branch == "balanced" else net.logits(
+            branch, feats, means[BRANCHES.index(branch)]).float()
         corrected = recall_targets(moving, target, tau=prm.tau, margin=prm.margin)
         recalled = (corrected - target.to(corrected)).sum(dim=0).detach().cpu()
         counts = self.counts + self.recalled[BRANCHES.index(branch)] + recalled
@@ -476,13 +477,13 @@ class COMIC(Method):
         view_feats["balanced"] = net.fuse(feats)
         pfm, rlc, recalled = {}, {}, []
         for b in BRANCHES:
-            y = target[rows[b].to(target.device)]
+            y = target[rows[b].to(target.device)].float()
             pfm[b], rlc[b], r = self._branch_loss(net, b, view_feats[b], y, means)
             recalled.append(r)
         loss_b = pfm["balanced"] + torch.stack(list(pfm.values())).mean() + rlc["balanced"]
-        head_t = net.logits("head", feats["head"], means[1])
-        tail_t = net.logits("tail", feats["tail"], means[2])
-        balanced = net.logits("balanced", view_feats["balanced"])
+        head_t = net.logits("head", feats["head"], means[1]).float()
+        tail_t = net.logits("tail", feats["tail"], means[2]).float()
+        balanced = net.logits("balanced", view_feats["balanced"]).float()
         if prm.htb and prm.htb_weight > 0:
             loss_b = loss_b + prm.htb_weight * self._htb(balanced, head_t, tail_t, target)
         loss = pfm["head"] + rlc["head"] + pfm["tail"] + rlc["tail"] + loss_b
