@@ -34,3 +34,38 @@ def ray_local() -> Iterator[None]:
     yield
     if started:
         ray.shutdown()
+
+
+def _kill_session(proc) -> None:
+    """SIGKILL a process started with ``start_new_session=True``, its group, and the Ray
+    processes of the session it started (named after its pid)."""
+    import os
+    import re
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+    pattern = re.compile(rf"session_[0-9_-]+_{proc.pid}\b")
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if pattern.search(args):
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def kill_session():
+    """The function that kills a search process and its local Ray cluster."""
+    return _kill_session
+
+
+@pytest.fixture(scope="module")
+def kill_session_module():
+    return _kill_session

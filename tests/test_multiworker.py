@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
 import yaml
-
-from tuner import search
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,11 +33,8 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
+def experiment(tmp_path_factory: pytest.TempPathFactory, kill_session_module) -> Path:
+    """The search runs as its own process (killed with its Ray session if it overruns)."""
     tmp = tmp_path_factory.mktemp("multiworker")
     space = yaml.safe_load((ROOT / "search_spaces/bce.yaml").read_text())
     space["asha"] = {"max_epochs": 2, "grace_period": 1, "reduction_factor": 3}
@@ -46,10 +42,18 @@ def experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
     space["resources"].update(workers_per_trial=2, cpus_per_worker=1, data_cpus=1)
     path = tmp / "bce.yaml"
     path.write_text(yaml.safe_dump(space))
-    code = search.main(["--method", "bce", "--space", str(path), "--out", str(tmp / "exp"),
-                        "--name", "mw", "--data-dir", str(tmp / "data")])
-    ray.shutdown()
-    assert code == 0
+    cmd = [sys.executable, "-m", "tuner.search", "--method", "bce", "--space", str(path),
+           "--out", str(tmp / "exp"), "--name", "mw", "--data-dir", str(tmp / "data")]
+    log = tmp / "search.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout=900)
+        except subprocess.TimeoutExpired:
+            kill_session_module(proc)
+            pytest.fail("the 2-worker search hung:\n" + log.read_text()[-3000:])
+    assert code == 0, log.read_text()[-3000:]
     return tmp / "exp" / "mw"
 
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import re
-import signal
 import subprocess
 import sys
 import time
@@ -31,22 +28,9 @@ def _finished_trials(exp: Path) -> int:
     return sum(t.state.is_finished() for t in study.trials)
 
 
-def _kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver's process group and the Ray processes of its session."""
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    pattern = re.compile(rf"session_[0-9_-]+_{proc.pid}\b")
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        pid, _, args = line.strip().partition(" ")
-        if pattern.search(args):
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def test_killed_search_resumes_without_losing_or_repeating_trials(tmp_path: Path) -> None:
+def test_killed_search_resumes_without_losing_or_repeating_trials(
+    tmp_path: Path, kill_session
+) -> None:
     space = yaml.safe_load((ROOT / "search_spaces/bce.yaml").read_text())
     space["asha"] = {"max_epochs": EPOCHS, "grace_period": EPOCHS, "reduction_factor": 2}
     space["search"].update(num_trials=NUM_TRIALS, max_concurrent=1, seed=0)
@@ -67,7 +51,7 @@ def test_killed_search_resumes_without_losing_or_repeating_trials(tmp_path: Path
             time.sleep(1)
         time.sleep(3)  # let the next trial start and report
     finally:
-        _kill_session(proc)
+        kill_session(proc)
     assert _finished_trials(exp) < NUM_TRIALS
 
     resumed = subprocess.run(cmd[:-1] + ["--resume", str(exp), "--no-test"], cwd=ROOT,
