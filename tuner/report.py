@@ -183,21 +183,10 @@ def _widen(a: Any, b: Any) -> Any:
 
 # ---------------------------------------------------------------------------- per-class AP
 def load_state_restricted(path: Path) -> dict[str, Any]:
-    """A ``state.pt`` written by the loop, through torch's restricted (weights-only) unpickler.
+    """A ``state.pt`` written by the loop, through the restricted loader of the trials."""
+    from tuner.trainable import load_state_file
 
-    NumPy arrays and dtypes (the RNG states) are the only globals allowed besides torch's.
-    """
-    import torch
-
-    core = np._core if hasattr(np, "_core") else np.core  # NumPy 2 renamed numpy.core
-    allowed: list[Any] = [np.ndarray, np.dtype, core.multiarray._reconstruct]
-    allowed += [type(np.dtype(t)) for t in ("uint32", "int64", "float64", "float32", "uint8")]
-    try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError / RuntimeError / EOFError
-        raise DataError(f"cannot load checkpoint {path} with the restricted loader ({exc}); "
-                        "it was not written by tuner.loop or is damaged") from None
+    return load_state_file(path)
 
 
 def trial_checkpoint(exp: Experiment, trial_id: str) -> Path:

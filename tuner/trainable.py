@@ -105,12 +105,32 @@ def task_info(data: PreparedData, setup: TrialSetup, num_train: int) -> TaskInfo
     )
 
 
+def load_state_file(path: str | Path) -> dict[str, Any]:
+    """A ``state.pt`` written by the loop, through torch's restricted (weights-only) unpickler.
+
+    Tensors, plain containers and numbers, and NumPy arrays/dtypes (the RNG states) are the
+    only things it can rebuild: a checkpoint file is never a way to run code.
+    """
+    import numpy as np
+
+    core = np._core if hasattr(np, "_core") else np.core  # NumPy 2 renamed numpy.core
+    allowed: list[Any] = [np.ndarray, np.dtype, core.multiarray._reconstruct]
+    allowed += [type(np.dtype(t)) for t in ("uint32", "int64", "float64", "float32", "uint8",
+                                            "int32", "bool")]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError / RuntimeError / EOFError
+        raise DataError(f"cannot load checkpoint {path} with the restricted loader ({exc}); "
+                        "it was not written by tuner.loop or is damaged") from None
+
+
 def load_state(checkpoint: Any) -> dict[str, Any] | None:
     """The loop state inside a Tune/Train checkpoint (or None)."""
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as path:
-        return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+        return load_state_file(Path(path) / STATE_FILE)
 
 
 def build_train_data(
