@@ -265,6 +265,16 @@ class Method:
         """Scores ``(B, C)`` used for evaluation (raw logits by default)."""
         return model(images)
 
+    def extra_metrics(
+        self, scores: Any, targets: Any, groups: Mapping[str, Sequence[int]]
+    ) -> dict[str, float]:
+        """Method-specific evaluation fields added to the platform's metrics (default none).
+
+        The platform's model selection always uses its own ``mAP``; these are for comparison
+        with a paper's own evaluation.
+        """
+        return {}
+
     # ----------------------------------------------------------------- set-up
     def set_train_targets(self, targets: Tensor) -> None:
         """The whole ``(N, C)`` observed training label table, once, before training."""

@@ -167,9 +167,12 @@ def evaluate(
     cfg: TrainConfig,
     device: torch.device,
 ) -> dict[str, float]:
-    """Platform metrics (mAP, group mAPs, CF1/OF1) of ``model`` on one split."""
+    """Platform metrics (mAP, group mAPs, CF1/OF1) of ``model`` on one split, plus the
+    method's ``extra_metrics`` (e.g. TailCLIP's softmax mAP, for comparison with a paper)."""
     scores = predict(method, model, images, cfg.eval_batch_size, device)
-    return score_metrics(scores, targets, groups, threshold=cfg.threshold)
+    metrics = score_metrics(scores, targets, groups, threshold=cfg.threshold)
+    metrics.update(method.extra_metrics(scores, targets, groups))
+    return metrics
 
 
 class _Step:
