@@ -275,6 +275,10 @@ class Method:
         """
         return {}
 
+    def epoch_metrics(self) -> dict[str, float]:
+        """Numbers reported with each epoch as ``method_<name>`` (timings, counts; default none)."""
+        return {}
+
     # ----------------------------------------------------------------- set-up
     def set_train_targets(self, targets: Tensor) -> None:
         """The whole ``(N, C)`` observed training label table, once, before training."""

@@ -396,6 +396,10 @@ class CoNeS(Method):
             self.correlation = self.dist.all_reduce_mean(self.correlation)
 
     # ----------------------------------------------------------------- state
+    def epoch_metrics(self) -> dict[str, float]:
+        """The k-means time of the last correlation update (reported as method_kmeans_seconds)."""
+        return {"kmeans_seconds": self.kmeans_seconds}
+
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),

@@ -389,6 +389,7 @@ def _train_epoch(
         t_wait = time.perf_counter()
     method.on_epoch_end(epoch)
     return {
+        **{f"method_{k}": float(v) for k, v in method.epoch_metrics().items()},
         "first_step_at": first_step_at,
         "train_loss": total_loss / max(seen, 1),
         "train_images": seen,
