@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -15,26 +16,31 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _other_ray_instances() -> int:
-    """Raylets already running on this machine (other sessions' Ray clusters)."""
-    out = subprocess.run(["ps", "-eo", "args="], capture_output=True, text=True).stdout
-    return sum("/raylet " in line or line.startswith("raylet ") for line in out.splitlines())
-
-
-# Ray's placement-group cleaner asks the State API for the cluster without an address; with a
-# second Ray instance on the same machine it cannot tell which one, never frees a finished
-# Train run's placement group, and the next trial's worker group times out. A dedicated
-# machine (CI, a cluster head) has one instance.
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(_other_ray_instances() > 0,
-                       reason="another Ray instance runs on this machine (see comment)"),
-]
+# Ray Train's placement-group cleaner calls the State API without an address; with a second
+# Ray instance on the machine that lookup failed, a finished run's placement group was never
+# removed and the next trial's worker group timed out forever (CI, 2026-11-22). The search now
+# gives every worker its own cluster's State API address; the fixture keeps a second
+# instance running during the search so that this stays tested.
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory: pytest.TempPathFactory, kill_session_module) -> Path:
-    """The search runs as its own process (killed with its Ray session if it overruns)."""
+def experiment(tmp_path_factory: pytest.TempPathFactory, kill_session_module) -> Iterator[Path]:
+    """The search runs as its own process (killed with its Ray session if it overruns),
+    beside a second Ray instance owned by this test process."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        yield _run_search(tmp_path_factory, kill_session_module)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _run_search(tmp_path_factory: pytest.TempPathFactory, kill_session_module) -> Path:
     tmp = tmp_path_factory.mktemp("multiworker")
     space = yaml.safe_load((ROOT / "search_spaces/bce.yaml").read_text())
     space["asha"] = {"max_epochs": 2, "grace_period": 1, "reduction_factor": 3}

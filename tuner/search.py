@@ -184,6 +184,28 @@ def check_state_api(timeout: float = 30.0) -> None:
         ) from None
 
 
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (for this cluster's dashboard)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def state_api_env(dashboard_port: int) -> dict[str, str]:
+    """Environment for every worker of a local cluster: its own State API address.
+
+    Ray Train's placement-group cleaner (a detached actor of each Train run) calls the State
+    API without an address. With a second Ray instance on the same machine (another search,
+    a notebook's ``ray.init()``) the address lookup fails ("Found multiple active Ray
+    instances"), the cleaner dies, a finished run's placement group is never removed and the
+    next multi-worker trial waits forever for its workers. ``RAY_API_SERVER_ADDRESS`` is read
+    before any lookup, so the cleaner always reaches this cluster's dashboard.
+    """
+    return {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
+
+
 def start_ray(args: argparse.Namespace, space: Any) -> None:
     import ray
 
@@ -196,8 +218,10 @@ def start_ray(args: argparse.Namespace, space: Any) -> None:
         where = f"joined the Ray cluster at {address}"
     else:
         num_cpus = local_cpus(space, args.num_cpus)
+        port = free_port()
         context = ray.init(num_cpus=num_cpus, include_dashboard=True,
-                           dashboard_host="127.0.0.1")
+                           dashboard_host="127.0.0.1", dashboard_port=port,
+                           runtime_env={"env_vars": state_api_env(port)})
         where = f"local Ray cluster: {num_cpus} logical CPUs"
     url = getattr(context, "dashboard_url", None)
     print(where + (f"; dashboard at http://{url}" if url else ""))
