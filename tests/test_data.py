@@ -27,7 +27,9 @@ from tuner.data.corruption import ViewSpec, drop_positives, make_view
 from tuner.data.manifest import SPLITS
 from tuner.data.prepared import PreparedData, prepare_digits
 from tuner.data.stream import (
+    EpochStream,
     configure_data_context,
+    epochs_dataset,
     iter_train_batches,
     load_split,
     sample_repeats,
@@ -217,6 +219,64 @@ def test_ray_data_epoch_yields_every_train_image_once(digits_dir: Path, ray_loca
     drawn = np.concatenate([b["index"].numpy() for b in iter_train_batches(ds, 32, repeats=repeats)])
     assert len(drawn) == num_train
     np.testing.assert_array_equal(np.bincount(drawn, minlength=num_train), repeats)
+
+
+@pytest.mark.integration
+def test_one_execution_streams_every_epoch_in_full(digits_dir: Path, ray_local: None) -> None:
+    """The trial's multi-epoch stream: each epoch holds every train image once, the images
+    decode like the per-epoch stream, and a resumed trial can start at a later epoch."""
+    data = PreparedData(digits_dir)
+    files = data.shard_files("train")
+    num_train = data.manifest["splits"]["train"]["num_images"]
+    configure_data_context(1)
+    datasets = []
+
+    def make(epochs: range):
+        datasets.append(list(epochs))
+        return epochs_dataset(files, IMAGE_SIZE, "none", epochs, rows_per_task=128)
+
+    stream = EpochStream(make, num_train, last_epoch=4)
+    images, positions = load_split(files, IMAGE_SIZE)  # train images without augmentation
+    reference = images[torch.argsort(positions)]
+    for epoch in range(3):
+        batches = list(iter_train_batches(stream.blocks(epoch), 64))
+        index = np.concatenate([b["index"].numpy() for b in batches])
+        np.testing.assert_array_equal(np.sort(index), np.arange(num_train))
+        for b in batches[:3]:
+            torch.testing.assert_close(b["image"], reference[b["index"]])
+    assert datasets == [[0, 1, 2, 3]]  # one execution for all epochs
+    later = np.concatenate([b["index"].numpy() for b in iter_train_batches(stream.blocks(3), 64)])
+    np.testing.assert_array_equal(np.sort(later), np.arange(num_train))
+    stream.close()
+    resumed = EpochStream(make, num_train, last_epoch=4)
+    index = np.concatenate([b["index"].numpy() for b in iter_train_batches(resumed.blocks(2), 64)])
+    np.testing.assert_array_equal(np.sort(index), np.arange(num_train))
+    assert datasets[-1] == [2, 3]
+    resumed.close()
+
+
+@pytest.mark.integration
+def test_epoch_stream_sorts_out_blocks_of_later_epochs(ray_local: None) -> None:
+    """Blocks arrive in completion order: rows of a later epoch (alone or inside a mixed
+    block) are kept for that epoch; an epoch ends after exactly its own rows."""
+    import ray.data
+
+    rows = [(0, 0), (1, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]  # (epoch, i)
+    items = [{"image": np.full((1, 2, 2), 10 * e + i, np.uint8), "index": i, "epoch": e}
+             for e, i in rows]
+    stream = EpochStream(lambda epochs: ray.data.from_items(items, override_num_blocks=4),
+                         rows_per_epoch=3, last_epoch=3)
+    for epoch in range(3):
+        blocks = list(stream.blocks(epoch))
+        index = np.concatenate([b["index"] for b in blocks])
+        assert sorted(index.tolist()) == [0, 1, 2]
+        image = np.concatenate([b["image"] for b in blocks])
+        np.testing.assert_array_equal(image[:, 0, 0, 0], 10 * epoch + index)
+    stream.close()
+
+    short = EpochStream(lambda epochs: ray.data.from_items(items[:2]), 3, 1)
+    with pytest.raises(RuntimeError, match="ended after 1 of 3 rows of epoch 0"):
+        list(short.blocks(0))
 
 
 def test_sample_repeats_follow_the_weights() -> None:

@@ -82,6 +82,12 @@ def test_reports_every_epoch_with_explicit_epoch_and_metrics() -> None:
         assert metrics["best_val_mAP"] == max(m["val_mAP"] for m, _ in reports[: metrics["epoch"]])
         assert state["epoch"] == metrics["epoch"]
         assert set(state) >= {"model", "step", "method", "rng", "best"}
+    # peak memory, against the kernel's own high-water mark of this process (VmHWM, kB)
+    hwm = next(int(line.split()[1]) for line in open("/proc/self/status")
+               if line.startswith("VmHWM:")) / 1024
+    peaks = [m["peak_rss_mb"] for m, _ in reports]
+    assert peaks == sorted(peaks) and 0 < peaks[-1] <= hwm * 1.01 + 1
+    assert peaks[-1] >= 0.5 * hwm
 
 
 @dataclasses.dataclass(frozen=True)

@@ -77,6 +77,15 @@ class TrainData:
     groups: Mapping[str, list[int]] = field(default_factory=dict)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux ``ru_maxrss`` is in KiB)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -324,7 +333,7 @@ def fit(
             best = {"val_mAP": val["mAP"], "epoch": epoch + 1, "model": _cpu_state(weights),
                     "method": copy.deepcopy(method.state_dict()), "metrics": dict(metrics)}
         metrics.update(epoch=epoch + 1, best_val_mAP=best["val_mAP"], best_epoch=best["epoch"],
-                       val_model=used)
+                       val_model=used, peak_rss_mb=peak_rss_mb())
         state = {
             "epoch": epoch + 1,
             "model": _cpu_state(model),

@@ -6,7 +6,9 @@ search-wide :class:`TrialSetup`, restores from its own checkpoint when relaunche
 ``epoch`` plus validation metrics after every epoch with a checkpoint of the full state.
 
 * **One worker** (``workers_per_trial == 1``): the loop runs in the Tune function itself,
-  streaming its Ray Data pipeline; checkpoints are Tune checkpoints.
+  streaming all its epochs from one Ray Data execution (:class:`tuner.data.stream.EpochStream`:
+  no per-epoch pipeline start-up, the next epoch decodes during validation); checkpoints are
+  Tune checkpoints.
 * **Several workers**: the Tune function (a small CPU fraction) runs a Ray Train
   ``TorchTrainer`` (Train V2) named after the Tune trial id, whose workers run the same loop
   data-parallel (:mod:`tuner.distributed`: gradients averaged every step, per-sample method
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import torch
 
 from methods.base import TaskInfo
@@ -43,7 +46,9 @@ from tuner.backbones import build_model
 from tuner.data.corruption import ViewSpec
 from tuner.data.prepared import PreparedData
 from tuner.data.stream import (
+    EpochStream,
     configure_data_context,
+    epochs_dataset,
     iter_train_batches,
     load_split,
     sample_repeats,
@@ -150,7 +155,8 @@ def build_train_data(
         repeats = None
         if weights is not None:  # the same draw on every worker; each applies it to its shard
             repeats = sample_repeats(weights, cfg.seed * 100003 + epoch)
-        return iter_train_batches(stream, batch_size, repeats=repeats)
+        source = stream.blocks(epoch) if isinstance(stream, EpochStream) else stream
+        return iter_train_batches(source, batch_size, repeats=repeats)
 
     return TrainData(
         train_batches=batches,
@@ -177,6 +183,17 @@ def _stream(data: PreparedData, cfg: TrainConfig, setup: TrialSetup) -> Any:
     return train_dataset(data.shard_files("train"), cfg.image_size, augment)
 
 
+def _epoch_stream(data: PreparedData, cfg: TrainConfig, setup: TrialSetup) -> EpochStream:
+    """One trial's training epochs as one Ray Data execution (a single-worker trial)."""
+    configure_data_context(setup.data_cpus)
+    augment = data.manifest["image"].get("augment", "flip")
+    files = data.shard_files("train")
+    rows = sum(pq.read_metadata(f).num_rows for f in files)
+    return EpochStream(
+        lambda epochs: epochs_dataset(files, cfg.image_size, augment, epochs),
+        rows, cfg.max_epochs)
+
+
 def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """Tune function trainable: train one configuration, reporting every epoch."""
     from ray import tune
@@ -196,8 +213,8 @@ def _train_trial(config: dict[str, Any], setup: TrialSetup, started_at: float) -
     cfg = train_config(config, setup)
     data = PreparedData(setup.data_dir)
     method, model, observed = _method_and_model(config, setup, cfg, data)
-    train_data = build_train_data(setup, cfg, data, observed, _stream(data, cfg, setup),
-                                  cfg.batch_size)
+    stream = _epoch_stream(data, cfg, setup)
+    train_data = build_train_data(setup, cfg, data, observed, stream, cfg.batch_size)
 
     context = tune.get_context()
     trial_id, experiment = context.get_trial_id(), context.get_experiment_name()
@@ -208,8 +225,11 @@ def _train_trial(config: dict[str, Any], setup: TrialSetup, started_at: float) -
             torch.save(state, os.path.join(tmp, STATE_FILE))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
-    fit(method, model, cfg, train_data, report, resume=load_state(tune.get_checkpoint()),
-        started_at=started_at)
+    try:
+        fit(method, model, cfg, train_data, report, resume=load_state(tune.get_checkpoint()),
+            started_at=started_at)
+    finally:
+        stream.close()
 
 
 def _guard_deterministic(run: Callable[[], None], trial_dir: str | None) -> None:

@@ -1,8 +1,11 @@
 """Decoding, augmentation and the Ray Data training stream.
 
-The training split streams from the Parquet shards with Ray Data: ``read_parquet`` (file order
-shuffled each epoch) -> ``map_batches`` (decode + augment on CPU, NumPy) ->
-``iter_torch_batches`` (with a local shuffle buffer) into the training loop. Batches carry only
+The training split streams from the Parquet shards with Ray Data: shards (file order shuffled
+each epoch) read and decoded + augmented on CPU in ``map_batches`` tasks, then whole decoded
+blocks through a local shuffle buffer (:func:`iter_train_batches`) into the training loop. A
+single-worker trial runs all its epochs as one Ray Data execution (:func:`epochs_dataset`,
+:class:`EpochStream`); each worker of a multi-worker trial iterates its ``streaming_split``
+shard of :func:`train_dataset` once per epoch. Batches carry only
 ``image`` and ``index``; the loop looks the labels up by ``index`` in the trial's label table, so
 label views and methods that correct labels never touch the stream.
 
@@ -224,6 +227,143 @@ def train_dataset(
     )
 
 
+@dataclass(frozen=True)
+class _ReadShuffleDecode:
+    """UDF of :func:`epochs_dataset`: read one task's shards, permute, decode, tag the epoch."""
+
+    decoder: Decoder
+    chunk_rows: int
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images, index, epoch = [], [], []
+        for e, files in zip(batch["epoch"], batch["files"]):
+            tables = [pq.read_table(str(f), columns=["index", "image"]) for f in files]
+            encoded = [b for t in tables for b in t.column("image").to_pylist()]
+            rows = np.concatenate([t.column("index").to_numpy() for t in tables])
+            out = _ShuffleDecode(self.decoder, self.chunk_rows)({"image": encoded, "index": rows})
+            images.append(out["image"])
+            index.append(out["index"])
+            epoch.append(np.full(len(rows), int(e), dtype=np.int64))
+        return {"image": np.concatenate(images), "index": np.concatenate(index),
+                "epoch": np.concatenate(epoch)}
+
+
+def epochs_dataset(
+    files: Sequence[str],
+    image_size: int,
+    augment: str,
+    epochs: Sequence[int],
+    decode_batch_size: int = 64,
+    rows_per_task: int = 512,
+    seed: int | None = None,
+):  # -> ray.data.Dataset
+    """Several training epochs as ONE Ray Data execution (see :class:`EpochStream`).
+
+    The same work as :func:`train_dataset` per epoch (whole shards in a fresh random order
+    each epoch, about ``rows_per_task`` rows per task, rows permuted within a task, decode +
+    augment), planned here for every epoch in ``epochs`` at once: each task is one
+    ``(epoch, shard group)`` and tags its rows with the epoch. One execution pays Ray Data's
+    start-up and end-of-epoch drain once instead of every epoch, and decodes the next epoch
+    while the loop validates and checkpoints.
+    """
+    import ray.data
+
+    files = [str(f) for f in files]
+    if not files:
+        raise ValueError("no training shards to stream")
+    rows = sum(pq.read_metadata(f).num_rows for f in files)
+    tasks = min(len(files), max(1, -(-rows // max(1, rows_per_task))))
+    rng = np.random.default_rng(seed)
+    items = []
+    for epoch in epochs:
+        order = rng.permutation(len(files))
+        for group in np.array_split(order, tasks):
+            items.append({"epoch": int(epoch), "files": [files[i] for i in group]})
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    return ds.map_batches(
+        _ReadShuffleDecode(Decoder(image_size, augment), decode_batch_size),
+        batch_format="numpy",
+        batch_size=None,
+        zero_copy_batch=True,
+    )
+
+
+class EpochStream:
+    """Consecutive epochs' decoded blocks from one Ray Data execution.
+
+    Blocks arrive in completion order, so a block of epoch ``e + 1`` may come before the
+    last of epoch ``e``: it is kept aside (with Ray Data's backpressure, at most a few
+    blocks) until its epoch is asked for. :meth:`blocks` yields exactly the rows of one
+    epoch (counted against the shards' row count), so every image appears once per epoch
+    as with a per-epoch execution. Epochs must be asked for in order; asking for another
+    one (a resumed trial starts later) starts a new execution from that epoch.
+
+    Args:
+        make_dataset: ``epochs -> ray.data.Dataset`` (e.g. :func:`epochs_dataset` bound to
+            the shards), called with ``range(first, last_epoch)``.
+        rows_per_epoch: training rows of one epoch.
+        last_epoch: the epoch budget (exclusive end).
+    """
+
+    def __init__(self, make_dataset, rows_per_epoch: int, last_epoch: int,
+                 prefetch: int = 2) -> None:
+        self.make_dataset = make_dataset
+        self.rows_per_epoch = int(rows_per_epoch)
+        self.last_epoch = int(last_epoch)
+        self.prefetch = prefetch
+        self.next_epoch: int | None = None
+        self._it: Iterator[dict[str, np.ndarray]] | None = None
+        self._stash: dict[int, list[dict[str, np.ndarray]]] = {}
+
+    def _start(self, epoch: int) -> None:
+        self.close()
+        ds = self.make_dataset(range(epoch, max(epoch + 1, self.last_epoch)))
+        self._it = iter(ds.iter_batches(batch_size=None, batch_format="numpy",
+                                        prefetch_batches=self.prefetch))
+        self._stash = {}
+
+    def close(self) -> None:
+        """Stop the running execution (its tasks and buffered blocks are released)."""
+        if self._it is not None and hasattr(self._it, "close"):
+            self._it.close()
+        self._it = None
+
+    def blocks(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        """The blocks (``image``, ``index``) of ``epoch``, in arrival order."""
+        if self._it is None or epoch != self.next_epoch:
+            self._start(epoch)
+        self.next_epoch = epoch + 1
+        return self._epoch(epoch)
+
+    def _epoch(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        got = 0
+        for block in self._stash.pop(epoch, []):
+            got += len(block["index"])
+            yield block
+        while got < self.rows_per_epoch:
+            try:
+                block = next(self._it)
+            except StopIteration:
+                self._it = None
+                raise RuntimeError(
+                    f"the training stream ended after {got} of {self.rows_per_epoch} rows of "
+                    f"epoch {epoch}; were the shards changed during the trial?"
+                ) from None
+            tags = np.asarray(block["epoch"], dtype=np.int64)
+            for e in np.unique(tags).tolist():
+                part = block if (tags == e).all() else {k: v[tags == e] for k, v in block.items()}
+                part = {"image": part["image"], "index": part["index"]}
+                if e == epoch:
+                    got += len(part["index"])
+                    yield part
+                elif e > epoch:
+                    self._stash.setdefault(e, []).append(part)
+                # e < epoch: rest of an epoch the consumer abandoned; dropped
+        if got > self.rows_per_epoch:
+            raise RuntimeError(f"epoch {epoch} streamed {got} rows, expected "
+                               f"{self.rows_per_epoch}")
+
+
 def sample_repeats(weights: np.ndarray, seed: int) -> np.ndarray:
     """``(N,)`` multiplicities of one epoch drawn with replacement in proportion to ``weights``.
 
@@ -248,6 +388,9 @@ def iter_train_batches(
     repeats: np.ndarray | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of ``{image: uint8 (B,3,S,S), index: int64 (B,)}`` torch batches.
+
+    ``dataset`` is a Ray Dataset (or a worker's shard of one), run for one epoch, or an
+    iterable of its decoded blocks (:meth:`EpochStream.blocks`).
 
     Whole decoded blocks are pulled from the dataset (``prefetch`` blocks ahead) into a local
     shuffle buffer with the semantics of Ray Data's ``local_shuffle_buffer_size``: once at
@@ -287,7 +430,11 @@ def iter_train_batches(
                     del blocks[block_id], left[block_id]
             yield {"image": torch.from_numpy(image), "index": torch.from_numpy(index)}
 
-    batches = dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch)
+    if hasattr(dataset, "iter_batches"):
+        batches = dataset.iter_batches(batch_size=None, batch_format="numpy",
+                                       prefetch_batches=prefetch)
+    else:  # already an iterable of decoded blocks (EpochStream.blocks)
+        batches = dataset
     for block_id, block in enumerate(batches):
         n = len(block["index"])
         if not n:
