@@ -15,7 +15,11 @@ from methods.base import Batch, Method, TaskInfo, hp
 from methods.dbl import DBLoss, DBLParams, class_aware_weights
 from methods.registry import register_method
 
-__all__ = ["NDLP", "NDLPParams", "ramp", "sharpen"]
+__all__ = ["NDLP", "NDLPParams", "PSEUDO_RULES", "ramp", "sharpen"]
+
+#: ``pseudo_rule`` values: the paper's thresholds, or thresholds scaled by each image's
+#: candidate count (dense multi-label images)
+PSEUDO_RULES = ("paper", "scaled")
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,12 @@ class NDLPParams(DBLParams):
     prior_clamp: float = hp(
         10.0, 1.0, 1e6,
         doc="the class prior stays within [1/(K C), K/C] (K = this); 1 keeps it uniform",
+    )
+    pseudo_rule: str = hp(
+        "paper", choices=PSEUDO_RULES,
+        doc="pseudo-labels: paper (sharpened softmax > phi_c) | scaled (confidences and "
+            "thresholds times the image's candidate count, for dense images; also the mixup "
+            "targets)",
     )
 
     def cross_field_problems(self) -> list[str]:
@@ -94,6 +104,37 @@ class NDLP(Method):
        \odot s_i / \Sigma` (rows stay on the candidate simplex), then :math:`\pi \leftarrow
        \mathrm{normalise}(\pi / (\varepsilon + 10^{-8}))` with :math:`\varepsilon` the batch
        share of confidence mass per class.
+
+    ``pseudo_rule: scaled`` (dense multi-label images; the default ``paper`` is the above).
+    :math:`\phi_c` is about the mean of :math:`1/|s_i|`; on VOC (2 true labels among ~7.4
+    candidates) a true label's sharpened confidence clears it, but on an image with many
+    true labels the softmax spreads the confidence, every :math:`\tilde q_{ic}` falls under
+    :math:`\phi_c`, and the image loses all its pseudo-positives. The scaled rule measures
+    both sides in units of the image's uniform share: :math:`\hat y_{ic} = 1[|s_i| \tilde
+    q_{ic} \ge \psi_c]` over the candidates, with :math:`\psi_c = \min(1,` mean of
+    :math:`|s_i| Q_{ic}` over the candidates of c), so a row spread evenly over its
+    candidates keeps them all and every row keeps its top candidate; the mixup soft targets
+    are :math:`\min(1, |s_i| \tilde q_{ic})` instead of the softmax-normalised
+    :math:`\tilde q`, which shrink with the number of labels. Evidence (DigitsMLT, 3.87 true
+    labels per image, rho 0.3: 5.7 candidates, candidate precision 0.68; one 8-epoch run per
+    rule at fixed hyperparameters, lr 2e-3; pseudo-label precision / recall against the clean
+    labels after epochs 1 and 8, best val mAP):
+
+    ======================================  ===========  ===========  =======
+    rule                                    P / R ep. 1  P / R ep. 8  val mAP
+    ======================================  ===========  ===========  =======
+    paper (18-26% of images get none)       .68 / .44    .67 / .46    32.4
+    paper + each row's top candidate        .71 / .53    .74 / .47    36.5
+    max-normalised, vs mean of Q / max Q    .70 / .54    .85 / .38    43.0
+    same, unsharpened comparison            .69 / .68    .72 / .62    42.0
+    max-normalised >= 0.5                   .68 / 1.0    .93 / .42    44.4
+    all candidates (phi = 0)                .68 / 1.0    .68 / 1.0    45.1
+    scaled                                  .70 / .65    .91 / .34    46.9
+    ======================================  ===========  ===========  =======
+
+    Every rule's recall falls as the softmax table concentrates on one or two labels per
+    image (a pseudo-negative is trained as a negative and loses confidence), so the rules
+    differ most early on; the scaled rule gave the best model.
 
     Differences from the released code (all intended behaviour, see the spec's pitfalls):
 
@@ -157,10 +198,35 @@ class NDLP(Method):
         count = self.candidates.sum(dim=0)
         return torch.where(count > 0, mass / count.clamp(min=1.0), torch.ones_like(mass))
 
+    def scaled_thresholds(self) -> Tensor:
+        r"""``(C,)`` :math:`\psi_c = \min(1, \text{mean of } |s_i| Q_{ic}` over the candidates
+        of class c) (1 for a class without candidates)."""
+        count = self.candidates.sum(dim=0)
+        mass = (self.confidence * self.candidates.sum(dim=1, keepdim=True)).sum(dim=0)
+        mean = (mass / count.clamp(min=1.0)).clamp(max=1.0)
+        return torch.where(count > 0, mean, torch.ones_like(mass))
+
     def pseudo_targets(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        """Sharpened confidences ``(B, C)`` and 0/1 pseudo-labels ``(B, C)`` of rows ``index``."""
+        """Soft targets ``(B, C)`` (of the mixup) and 0/1 pseudo-labels ``(B, C)`` of rows
+        ``index``, under ``pseudo_rule`` (see the class docstring)."""
+        if self.params.pseudo_rule == "scaled":
+            return self._scaled_targets(index.cpu())
         sharp = sharpen(self.confidence[index.cpu()], self.params.gamma)
         return sharp, (sharp > self.thresholds()).float()
+
+    def _scaled_targets(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        r""":math:`|s_i| \tilde q_{ic}` against :math:`\psi_c`, compared as
+        :math:`|s_i| P_{ic} \ge \psi_c \sum_{c'} P_{ic'}` with :math:`P = (Q / \max Q)^{\gamma}`
+        so that a uniform row (``P = 1`` on each candidate) and each row's top candidate pass
+        exactly, without rounding; soft targets :math:`\min(1, |s_i| \tilde q_{ic})`."""
+        conf, cand = self.confidence[rows], self.candidates[rows]
+        top = conf.amax(dim=1, keepdim=True)
+        powered = (conf / top.clamp(min=1e-30)).pow(self.params.gamma) * (cand > 0)
+        total = powered.sum(dim=1, keepdim=True)
+        size = cand.sum(dim=1, keepdim=True)
+        keep = (size * powered >= self.scaled_thresholds() * total) & (cand > 0) & (top > 0)
+        soft = (size * powered / total.clamp(min=1e-30)).clamp(max=1.0)
+        return soft, keep.float()
 
     def select(self, score: Tensor, pseudo: Tensor, alpha: float) -> Tensor:
         """``(B,)`` bool: per class, the ``k_c`` lowest-``score`` samples among its pseudo

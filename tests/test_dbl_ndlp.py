@@ -188,6 +188,119 @@ def test_thresholds_sharpening_and_pseudo_labels_by_hand() -> None:
     assert sharpen(torch.zeros(1, 3), 2.0).tolist() == [[0.0, 0.0, 0.0]]
 
 
+def test_paper_rule_is_the_default_and_unchanged() -> None:
+    """``pseudo_rule: paper`` is the default and gives the sharpened softmax > phi_c."""
+    assert NDLPParams().pseudo_rule == "paper"
+    m, explicit = _ndlp(), _ndlp(pseudo_rule="paper")
+    g = torch.Generator().manual_seed(7)
+    for ndlp in (m, explicit):
+        ndlp.update_confidence(torch.arange(50), 4.0 * torch.randn(50, 5, generator=g))
+        g = torch.Generator().manual_seed(7)
+    index = torch.arange(50)
+    sharp, pseudo = m.pseudo_targets(index)
+    assert torch.equal(sharp, sharpen(m.confidence, 3.0))
+    assert torch.equal(pseudo, (sharp > m.thresholds()).float())
+    for a, b in zip((sharp, pseudo), explicit.pseudo_targets(index)):
+        assert torch.equal(a, b)
+
+
+def _dense_planted() -> NDLP:
+    """Image 0: six candidates, confidence uniform over them (a dense image not yet
+    disambiguated); images 1-3: two or three candidates, confidence concentrated."""
+    task = TaskInfo(num_classes=6, num_train=4, class_counts=(3, 3, 2, 2, 2, 1), max_epochs=4)
+    m = methods.create_method("ndlp", {"gamma": 2.0, "pseudo_rule": "scaled"}, task)
+    m.set_train_targets(torch.tensor([[1.0, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0],
+                                      [1, 0, 1, 1, 0, 0], [0, 1, 0, 0, 1, 0]]))
+    m.confidence[1:] = torch.tensor([[0.5, 0.5, 0, 0, 0, 0], [0.2, 0, 0.7, 0.1, 0, 0],
+                                     [0, 0.9, 0, 0, 0.1, 0]])
+    return m
+
+
+def test_scaled_rule_keeps_every_candidate_of_a_uniform_dense_image() -> None:
+    m = _dense_planted()
+    index = torch.arange(4)
+    soft, pseudo = m.pseudo_targets(index)
+    assert pseudo[0].tolist() == [1.0] * 6  # every candidate of the uniform image
+    assert_close(soft[0], torch.ones(6))
+    # the paper's rule on the same table: 1/6 is not above phi_c for the classes whose other
+    # candidates are confident (phi_0 = (1/6 + 0.5 + 0.2) / 3), nor for class 5 (phi = 1/6)
+    paper = methods.create_method("ndlp", {"gamma": 2.0}, m.task)
+    paper.set_train_targets(m.candidates)
+    paper.confidence = m.confidence.clone()
+    _, paper_pseudo = paper.pseudo_targets(index)
+    assert paper_pseudo[0].tolist() == [0, 0, 0, 1, 1, 0]
+    # by hand: psi_c = min(1, mean of |s_i| Q_ic over class c's candidates), |s_i| Q =
+    # [1 x 6], [1, 1], [0.6, 2.1, 0.3] (classes 0, 2, 3), [1.8, 0.2] (classes 1, 4)
+    assert_close(m.scaled_thresholds(),
+                 torch.tensor([2.6 / 3, 1.0, 1.0, 0.65, 0.6, 1.0]))
+    sharp = sharpen(m.confidence, 2.0)
+    assert_close(soft, (m.candidates.sum(1, keepdim=True) * sharp).clamp(max=1.0))
+    assert_close(soft[2], torch.tensor([3 * 0.04 / 0.54, 0, 1, 3 * 0.01 / 0.54, 0, 0]))
+    assert pseudo.tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0],
+                               [0, 1, 0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("size", [3, 5, 6, 7, 9, 10, 11, 13])
+def test_scaled_rule_keeps_a_uniform_row_exactly(size: int) -> None:
+    """No rounding of ``|s| * (1/|s|)`` below a threshold of 1 drops a uniform row."""
+    task = TaskInfo(num_classes=13, num_train=2, class_counts=(2,) * 13, max_epochs=4)
+    m = methods.create_method("ndlp", {"pseudo_rule": "scaled", "gamma": 2.7}, task)
+    s = torch.zeros(2, 13)
+    s[0, :size] = 1.0
+    s[1] = 1.0
+    m.set_train_targets(s)
+    m.confidence[1] = torch.softmax(torch.arange(13.0), dim=0)
+    _, pseudo = m.pseudo_targets(torch.arange(2))
+    assert pseudo[0].sum() == size
+
+
+def test_scaled_rule_gives_every_image_with_candidates_a_pseudo_positive() -> None:
+    """Dense and sparse images (1 to 6 true labels of 10, each negative a candidate with
+    probability 0.3), confidences learnt from logits that favour the true labels: the paper's
+    rule leaves dense images without any pseudo-positive, the scaled rule never does."""
+    task = TaskInfo(num_classes=10, num_train=200, class_counts=(100,) * 10, max_epochs=4)
+    g = torch.Generator().manual_seed(8)
+    size = torch.randint(1, 7, (200, 1), generator=g)
+    truth = (torch.rand(200, 10, generator=g).argsort(dim=1) < size).float()
+    s = torch.maximum(truth, (torch.rand(200, 10, generator=g) < 0.3).float())
+    s[:5] = 0.0  # images without candidates keep none
+    rules = {}
+    for rule in ("paper", "scaled"):
+        m = methods.create_method("ndlp", {"pseudo_rule": rule, "conf_ema": 0.3}, task)
+        m.set_train_targets(s)
+        g = torch.Generator().manual_seed(9)
+        for _ in range(30):
+            logits = 3.0 * truth + 0.05 * torch.randn(200, 10, generator=g)
+            m.update_confidence(torch.arange(200), logits)
+        rules[rule] = m.pseudo_targets(torch.arange(200))[1]
+    count = rules["scaled"].sum(dim=1)
+    assert (count[5:] >= 1).all() and (count[:5] == 0).all()
+    assert (rules["scaled"] <= s).all()  # only candidates
+    assert (rules["paper"].sum(dim=1)[5:] == 0).sum() >= 5
+    recall = {rule: (p * truth).sum() / truth[5:].sum() for rule, p in rules.items()}
+    assert recall["scaled"] > 0.9 > 0.8 > recall["paper"]
+    assert (rules["scaled"] * truth).sum() / rules["scaled"].sum() > 0.95
+
+
+def test_scaled_rule_mixup_targets_are_the_scaled_confidences() -> None:
+    from tuner.backbones import build_model
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 5)
+    m = _ndlp(eta=1.0, pseudo_rule="scaled")
+    m.update_confidence(torch.arange(50), 3.0 * torch.randn(50, 5))
+    batch = {"image": torch.randn(12, 3, 16, 16), "index": torch.arange(12)}
+    soft, pseudo = m.pseudo_targets(batch["index"])
+    assert_close(soft.amax(dim=1), torch.ones(12))  # no softmax shrinkage of the targets
+    assert ((soft > 0) == (_candidates()[:12] > 0)).all()
+    seen = {}
+    m.mixup_loss = lambda model, images, target: seen.setdefault("soft", target).sum()
+    m.on_epoch_start(4)
+    m.training_step(model.eval(), batch)
+    chosen = m.select(m.db(model(batch["image"]), pseudo).mean(dim=1), pseudo, m.alpha_t(4))
+    assert_close(seen["soft"], soft[chosen])
+
+
 def test_selection_takes_the_k_lowest_losses_per_class() -> None:
     m = _ndlp()
     g = torch.Generator().manual_seed(6)
@@ -245,7 +358,7 @@ def _loop_data(n: int = 40, c: int = 5, s: int = 16):
                      val_targets=labels.numpy().astype(np.uint8), groups={"head": [0]})
 
 
-def _fit(resume=None, stop_after=None):
+def _fit(resume=None, stop_after=None, **knobs):
     from tuner.backbones import build_model
     from tuner.loop import TrainConfig, fit
 
@@ -263,17 +376,18 @@ def _fit(resume=None, stop_after=None):
     cfg = TrainConfig.from_dict({"image_size": 16, "batch_size": 10, "max_epochs": 2})
     torch.manual_seed(0)
     try:
-        fit(methods.create_method("ndlp", {}, task), build_model("small_cnn", 5), cfg,
+        fit(methods.create_method("ndlp", knobs, task), build_model("small_cnn", 5), cfg,
             _loop_data(), report, resume=resume, device=torch.device("cpu"))
     except Stop:
         pass
     return reports
 
 
-def test_resume_restores_confidences_and_continues_exactly() -> None:
-    full = _fit()
-    first = _fit(stop_after=1)
-    resumed = _fit(resume=first[-1][1])
+@pytest.mark.parametrize("rule", ["paper", "scaled"])
+def test_resume_restores_confidences_and_continues_exactly(rule: str) -> None:
+    full = _fit(pseudo_rule=rule)
+    first = _fit(stop_after=1, pseudo_rule=rule)
+    resumed = _fit(resume=first[-1][1], pseudo_rule=rule)
     assert [m["epoch"] for m, _ in resumed] == [2]
     assert not torch.equal(first[-1][1]["method"]["confidence"], _candidates(1, 40) /
                            _candidates(1, 40).sum(1, keepdim=True))
