@@ -132,7 +132,7 @@ class NDLP(Method):
     scaled, unsharpened comparison          .70 / .72    .72 / .62    45.6
     scaled, no mixup (eta 0)                .70 / .65    .89 / .35    46.5
     scaled                                  .70 / .65    .91 / .34    46.9
-    |s| Q >= 0.5, scaled soft targets      .68 / 1.0    .68 / 1.0    52.4
+    Q >= 0.5 / n_cand, scaled soft targets  .68 / 1.0    .68 / 1.0    52.4
     ======================================  ===========  ===========  =======
 
     Every thresholding rule's recall falls as the softmax table concentrates on one or two
