@@ -240,11 +240,31 @@ def test_scaled_rule_keeps_every_candidate_of_a_uniform_dense_image() -> None:
                                [0, 1, 0, 0, 0, 0]]
 
 
+def test_share_rule_by_hand() -> None:
+    """|s_i| Q_ic >= share_min over the candidates: the uniform dense image keeps all."""
+    m = _dense_planted()
+    share = methods.create_method("ndlp", {"gamma": 2.0, "pseudo_rule": "share"}, m.task)
+    share.set_train_targets(m.candidates)
+    share.confidence = m.confidence.clone()
+    # |s_i| Q = [1 x 6], [1, 1], [0.6, 2.1, 0.3] (classes 0, 2, 3), [1.8, 0.2] (classes 1, 4)
+    soft, pseudo = share.pseudo_targets(torch.arange(4))
+    assert pseudo.tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 0, 1, 0, 0, 0],
+                               [0, 1, 0, 0, 0, 0]]
+    assert_close(soft, m.pseudo_targets(torch.arange(4))[0])  # the scaled rule's targets
+    strict = methods.create_method("ndlp", {"pseudo_rule": "share", "share_min": 1.0}, m.task)
+    strict.set_train_targets(m.candidates)
+    strict.confidence = m.confidence.clone()
+    assert strict.pseudo_targets(torch.arange(4))[1].tolist() == [
+        [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0], [0, 1, 0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("rule", ["scaled", "share"])
 @pytest.mark.parametrize("size", [3, 5, 6, 7, 9, 10, 11, 13])
-def test_scaled_rule_keeps_a_uniform_row_exactly(size: int) -> None:
+def test_dense_rules_keep_a_uniform_row_exactly(rule: str, size: int) -> None:
     """No rounding of ``|s| * (1/|s|)`` below a threshold of 1 drops a uniform row."""
     task = TaskInfo(num_classes=13, num_train=2, class_counts=(2,) * 13, max_epochs=4)
-    m = methods.create_method("ndlp", {"pseudo_rule": "scaled", "gamma": 2.7}, task)
+    knobs = {"pseudo_rule": rule, "gamma": 2.7, "share_min": 1.0}
+    m = methods.create_method("ndlp", knobs, task)
     s = torch.zeros(2, 13)
     s[0, :size] = 1.0
     s[1] = 1.0
@@ -254,10 +274,11 @@ def test_scaled_rule_keeps_a_uniform_row_exactly(size: int) -> None:
     assert pseudo[0].sum() == size
 
 
-def test_scaled_rule_gives_every_image_with_candidates_a_pseudo_positive() -> None:
+@pytest.mark.parametrize("dense_rule", ["scaled", "share"])
+def test_dense_rules_give_every_image_with_candidates_a_pseudo_positive(dense_rule: str) -> None:
     """Dense and sparse images (1 to 6 true labels of 10, each negative a candidate with
     probability 0.3), confidences learnt from logits that favour the true labels: the paper's
-    rule leaves dense images without any pseudo-positive, the scaled rule never does."""
+    rule leaves dense images without any pseudo-positive, the dense-image rules never do."""
     task = TaskInfo(num_classes=10, num_train=200, class_counts=(100,) * 10, max_epochs=4)
     g = torch.Generator().manual_seed(8)
     size = torch.randint(1, 7, (200, 1), generator=g)
@@ -265,7 +286,7 @@ def test_scaled_rule_gives_every_image_with_candidates_a_pseudo_positive() -> No
     s = torch.maximum(truth, (torch.rand(200, 10, generator=g) < 0.3).float())
     s[:5] = 0.0  # images without candidates keep none
     rules = {}
-    for rule in ("paper", "scaled"):
+    for rule in ("paper", dense_rule):
         m = methods.create_method("ndlp", {"pseudo_rule": rule, "conf_ema": 0.3}, task)
         m.set_train_targets(s)
         g = torch.Generator().manual_seed(9)
@@ -273,21 +294,22 @@ def test_scaled_rule_gives_every_image_with_candidates_a_pseudo_positive() -> No
             logits = 3.0 * truth + 0.05 * torch.randn(200, 10, generator=g)
             m.update_confidence(torch.arange(200), logits)
         rules[rule] = m.pseudo_targets(torch.arange(200))[1]
-    count = rules["scaled"].sum(dim=1)
+    count = rules[dense_rule].sum(dim=1)
     assert (count[5:] >= 1).all() and (count[:5] == 0).all()
-    assert (rules["scaled"] <= s).all()  # only candidates
+    assert (rules[dense_rule] <= s).all()  # only candidates
     assert (rules["paper"].sum(dim=1)[5:] == 0).sum() >= 5
     recall = {rule: (p * truth).sum() / truth[5:].sum() for rule, p in rules.items()}
-    assert recall["scaled"] > 0.9 > 0.8 > recall["paper"]
-    assert (rules["scaled"] * truth).sum() / rules["scaled"].sum() > 0.95
+    assert recall[dense_rule] > 0.9 > 0.8 > recall["paper"]
+    assert (rules[dense_rule] * truth).sum() / rules[dense_rule].sum() > 0.95
 
 
-def test_scaled_rule_mixup_targets_are_the_scaled_confidences() -> None:
+@pytest.mark.parametrize("dense_rule", ["scaled", "share"])
+def test_dense_rules_mixup_targets_are_the_scaled_confidences(dense_rule: str) -> None:
     from tuner.backbones import build_model
 
     torch.manual_seed(0)
     model = build_model("small_cnn", 5)
-    m = _ndlp(eta=1.0, pseudo_rule="scaled")
+    m = _ndlp(eta=1.0, pseudo_rule=dense_rule)
     m.update_confidence(torch.arange(50), 3.0 * torch.randn(50, 5))
     batch = {"image": torch.randn(12, 3, 16, 16), "index": torch.arange(12)}
     soft, pseudo = m.pseudo_targets(batch["index"])
@@ -383,7 +405,7 @@ def _fit(resume=None, stop_after=None, **knobs):
     return reports
 
 
-@pytest.mark.parametrize("rule", ["paper", "scaled"])
+@pytest.mark.parametrize("rule", ["paper", "scaled", "share"])
 def test_resume_restores_confidences_and_continues_exactly(rule: str) -> None:
     full = _fit(pseudo_rule=rule)
     first = _fit(stop_after=1, pseudo_rule=rule)
