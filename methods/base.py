@@ -17,6 +17,9 @@ Beyond the loss, a method may (all optional, defaults are no-ops):
 
 * ``set_train_targets(targets)``: receive the full ``(N, C)`` observed label table once
   before training (to initialise per-sample tables such as confidences);
+* ``set_stats_targets(targets)``: the ``(N, C)`` labels that per-image *statistics* (e.g. a
+  class-aware sampler) are computed from: the observed labels, or the clean ones under the
+  oracle setting ``data.class_stats: clean`` (called right after ``set_train_targets``);
 * ``configure_model(model)``: return the module to train (the backbone itself, or a wrapper
   adding heads, memories, text encoders). The loop optimises, checkpoints, averages (EMA)
   and evaluates the returned module;
@@ -282,6 +285,11 @@ class Method:
     # ----------------------------------------------------------------- set-up
     def set_train_targets(self, targets: Tensor) -> None:
         """The whole ``(N, C)`` observed training label table, once, before training."""
+
+    def set_stats_targets(self, targets: Tensor) -> None:
+        """``(N, C)`` labels for per-image statistics such as a class-aware sampler, once,
+        after :meth:`set_train_targets`: the observed labels by default, the clean ones only
+        under ``data.class_stats: clean`` (an oracle setting of some released code)."""
 
     def configure_model(self, model: nn.Module) -> nn.Module:
         """The module to train, checkpoint and evaluate (default: the backbone itself)."""

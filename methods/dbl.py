@@ -132,7 +132,8 @@ class DBL(Method):
     Class counts ``n_c`` and ``N`` come from :class:`~methods.base.TaskInfo`, i.e. the
     *observed* training labels (the released code reads the clean ``class_freq.pkl``; the
     space's ``data.class_stats: clean`` reproduces that as an explicit oracle setting). The
-    sampler weights (:func:`class_aware_weights`) use the observed per-image labels.
+    sampler weights (:func:`class_aware_weights`) use the observed per-image labels too (the
+    clean ones under ``data.class_stats: clean``, through ``set_stats_targets``).
 
     Reduction: sum over classes, mean over the batch (the released loss averages over all
     ``B x C`` elements, i.e. it is ``C`` times smaller). The prior bias is added inside the
@@ -150,6 +151,10 @@ class DBL(Method):
         self._sample_weights: Tensor | None = None
 
     def set_train_targets(self, targets: Tensor) -> None:
+        self.set_stats_targets(targets)
+
+    def set_stats_targets(self, targets: Tensor) -> None:
+        """Class-aware sampler weights from the statistics labels (observed by default)."""
         self._sample_weights = class_aware_weights(targets) if self.params.class_aware else None
 
     def sample_weights(self, epoch: int) -> Tensor | None:

@@ -163,8 +163,8 @@ class NDLP(Method):
     * the prior update runs in log space and is clamped to ``[1/(K C), K/C]`` (``K`` =
       ``prior_clamp``) and renormalised, so it cannot collapse to one-hot or underflow;
     * the class-aware sampler and the DB-loss class counts use the observed candidate labels
-      (the release reads the clean ones; ``data.class_stats: clean`` gives the loss the clean
-      counts as an explicit oracle setting);
+      (the release reads the clean ones; ``data.class_stats: clean`` gives both the loss
+      counts and the sampler the clean labels, as an explicit oracle setting);
     * losses are summed over classes and averaged over the batch (the release averages over
       ``B x C``); validation runs every epoch.
 
@@ -197,6 +197,12 @@ class NDLP(Method):
         self.candidates = s
         self.confidence = s / s.sum(dim=1, keepdim=True).clamp(min=1.0)
         self.touched = torch.zeros(len(s), dtype=torch.bool)
+        self.set_stats_targets(s)
+
+    def set_stats_targets(self, targets: Tensor) -> None:
+        """Class-aware sampler weights: the observed candidate sets by default, the clean labels
+        under ``data.class_stats: clean`` (the released code's oracle)."""
+        s = (targets > 0).float().cpu()
         self._sample_weights = class_aware_weights(s) if self.params.class_aware else None
 
     def sample_weights(self, epoch: int) -> Tensor | None:

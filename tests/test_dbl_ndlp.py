@@ -450,3 +450,30 @@ def test_two_workers_merge_confidences_and_share_the_prior() -> None:
     for rank in range(2):
         assert_close(out[rank]["confidence"], m.confidence)
         assert_close(out[rank]["prior"], m.prior)
+
+
+@pytest.mark.parametrize("name", ["dbl", "ndlp"])
+def test_sampler_uses_clean_labels_only_under_the_oracle_flag(name: str) -> None:
+    """``data.class_stats: clean`` reaches the class-aware sampler through
+    ``set_stats_targets``; by default the observed (candidate) labels drive it."""
+    from tuner.backbones import build_model
+    from tuner.loop import TrainConfig, TrainData, fit
+
+    clean = _candidates(seed=1)
+    observed = torch.clamp(clean + _candidates(seed=2), max=1.0)  # extra candidates
+    images = torch.randint(0, 256, (len(clean), 3, 16, 16), dtype=torch.uint8)
+    seen: list[torch.Tensor | None] = []
+
+    def batches(epoch: int, weights=None):
+        seen.append(None if weights is None else torch.as_tensor(weights).float())
+        yield {"image": images[:16], "index": torch.arange(16)}
+
+    cfg = TrainConfig.from_dict({"image_size": 16, "batch_size": 16, "max_epochs": 1})
+    for stats, expected in ((None, observed), (clean, clean)):
+        method = methods.create_method(name, {"class_aware": True}, TASK)
+        data = TrainData(batches, observed, steps_per_epoch=1, val_images=images,
+                         val_targets=clean.numpy().astype(np.uint8), stats_targets=stats)
+        fit(method, build_model("small_cnn", 5), cfg, data, lambda m, s: None,
+            device=torch.device("cpu"))
+        assert_close(seen[-1], class_aware_weights(expected).float())
+    assert not torch.allclose(class_aware_weights(clean), class_aware_weights(observed))

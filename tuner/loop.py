@@ -67,6 +67,8 @@ class TrainData:
         val_images: ``(M, 3, S, S)`` uint8 validation images.
         val_targets: ``(M, C)`` 0/1 true validation labels.
         groups: head / medium / tail class indices for the group mAPs.
+        stats_targets: ``(N, C)`` labels for methods' per-image statistics
+            (``Method.set_stats_targets``); None = the observed ``train_targets``.
     """
 
     train_batches: Callable[[int, np.ndarray | None], Iterable[Mapping[str, Tensor]]]
@@ -75,6 +77,7 @@ class TrainData:
     val_images: Tensor
     val_targets: np.ndarray
     groups: Mapping[str, list[int]] = field(default_factory=dict)
+    stats_targets: Tensor | None = None
 
 
 def peak_rss_mb() -> float:
@@ -297,6 +300,8 @@ def fit(
     if dist is not None:
         method.dist = dist
     method.set_train_targets(targets)
+    stats = data.stats_targets
+    method.set_stats_targets(targets if stats is None else stats.float())
     model = method.configure_model(model)
     model.to(device)
     if dist is not None:

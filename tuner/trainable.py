@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 
@@ -158,7 +159,14 @@ def build_train_data(
         source = stream.blocks(epoch) if isinstance(stream, EpochStream) else stream
         return iter_train_batches(source, batch_size, repeats=repeats)
 
+    stats = None
+    if setup.stats_from_clean:  # oracle setting: statistics from the clean labels
+        stats = torch.from_numpy(np.asarray(data.true_labels("train")[1])).float()
+        if stats.shape != observed.shape:
+            raise DataError(f"clean train labels {tuple(stats.shape)} do not match the observed "
+                            f"view {tuple(observed.shape)}; re-run `python -m tuner.prepare`")
     return TrainData(
+        stats_targets=stats,
         train_batches=batches,
         train_targets=observed,
         steps_per_epoch=math.ceil(len(observed) / (batch_size * world_size)),
