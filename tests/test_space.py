@@ -150,3 +150,27 @@ def test_fixed_config_round_trips_as_a_space() -> None:
     fixed = parse_space(doc)
     assert not fixed.tunables()
     assert fixed.params["lam"] == pytest.approx(sample["method/lam"])
+
+
+def test_search_cli_overrides_benchmark_and_label_regime() -> None:
+    args = search.build_parser().parse_args(
+        ["--method", "bce", "--space", "s.yaml", "--label-regime", "candidate:0.3",
+         "--benchmark", "voc-mlt"])
+    data = search.overrides_from_args(args)["data"]
+    assert data == {"label_regime": "candidate", "rate": 0.3, "benchmark": "voc-mlt"}
+    space = load_space(ROOT / "search_spaces/bce.yaml", search.overrides_from_args(args),
+                       method="bce")
+    assert (space.data["label_regime"], space.data["rate"]) == ("candidate", 0.3)
+    clean = search.overrides_from_args(search.build_parser().parse_args(
+        ["--method", "bce", "--space", "s.yaml", "--label-regime", "clean"]))
+    assert clean["data"] == {"label_regime": "clean", "rate": 0.0}
+
+
+def test_search_cli_bad_label_regime_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    hill = str(ROOT / "search_spaces/hill.yaml")
+    assert search.main(["--method", "hill", "--space", hill, "--label-regime", "missing:lots"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--label-regime 'missing:lots'" in err
+    assert search.main(["--method", "hill", "--space", hill, "--label-regime", "noisy:0.2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "data: label regime must be one of" in err and "'noisy'" in err

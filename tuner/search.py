@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted search in this experiment directory")
     p.add_argument("--seed", type=int, help="sampler seed (search.seed)")
     p.add_argument("--data-dir", help="prepared benchmark directory (default: the cache)")
+    p.add_argument("--benchmark", help="benchmark (data.benchmark), e.g. digits-mlt or voc-mlt")
+    p.add_argument("--label-regime", metavar="KIND[:RATE]",
+                   help="training labels (data.label_regime, data.rate): clean, missing:0.6, "
+                        "candidate:0.3")
     p.add_argument("--out", default="experiments", help="experiments root (default ./experiments)")
     p.add_argument("--name", help="experiment (and Optuna study) name; default METHOD-TIMESTAMP")
     p.add_argument("--address", help="join a running Ray cluster (e.g. auto) instead of starting one")
@@ -84,6 +88,15 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         ("search", "max_failures"): args.max_failures,
         ("data", "data_dir"): args.data_dir,
     }
+    if args.benchmark is not None:
+        table["data", "benchmark"] = args.benchmark
+    if args.label_regime is not None:
+        kind, _, rate = args.label_regime.partition(":")
+        try:
+            table["data", "label_regime"], table["data", "rate"] = kind, float(rate or 0.0)
+        except ValueError:
+            raise ConfigError(f"--label-regime {args.label_regime!r}: the rate must be a number, "
+                              f"e.g. missing:0.6 or candidate:0.3") from None
     out: dict[str, dict[str, Any]] = {}
     for (section, key), value in table.items():
         if value is not None:
@@ -233,8 +246,12 @@ def _main(argv: Sequence[str] | None) -> int:
     import methods
     from tuner.space import load_space
 
-    methods.get_method_class(args.method)
+    cls = methods.get_method_class(args.method)
     space = load_space(args.space, overrides_from_args(args), method=args.method)
+    regime = space.data["label_regime"]
+    if regime not in cls.regimes:
+        print(f"warning: {args.method} is designed for {'/'.join(cls.regimes)} labels; running it "
+              f"on {regime} labels as asked", file=sys.stderr)
     exp_dir, resume = experiment_dir(args)
     data_dir, setup = prepare_data(space, exp_dir)
     start_ray(args, space)
