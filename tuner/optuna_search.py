@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -27,6 +29,27 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 logger = logging.getLogger(__name__)
+
+
+def sqlite_storage(path: str | Path, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """The Optuna storage of an experiment's ``optuna.db``, safe against a concurrent opener.
+
+    Optuna stamps a new database's schema version on first open; when a second process (an
+    ``optuna-dashboard``, a monitoring script, a test polling the study) opens the same fresh
+    file at that moment, one of the two stamps fails with a UNIQUE-constraint error. The
+    schema is then complete, so opening again succeeds: retry a few times before giving up.
+    """
+    import sqlalchemy.exc
+
+    url = f"sqlite:///{Path(path)}"
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 class PrunedAwareOptunaSearch(OptunaSearch):

@@ -83,10 +83,13 @@ class Experiment:
         """The Optuna study (named after the directory), or None without ``optuna.db``."""
         import optuna
 
+        from tuner.optuna_search import sqlite_storage
+
         if not (self.path / "optuna.db").is_file():
             return None
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        return optuna.load_study(study_name=self.path.name, storage=self.study_url)
+        return optuna.load_study(study_name=self.path.name,
+                                 storage=sqlite_storage(self.path / "optuna.db"))
 
 
 def load_experiment(path: str | Path) -> Experiment:

@@ -332,7 +332,7 @@ def run_search(space: Any, setup: Any, exp_dir: Path, resume: bool = False) -> A
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from tuner.optuna_search import PrunedAwareOptunaSearch
+    from tuner.optuna_search import PrunedAwareOptunaSearch, sqlite_storage
     from tuner.trainable import train_trial
 
     # save Tune's experiment state (trials + searcher) at every step, so a crash loses as
@@ -346,7 +346,7 @@ def run_search(space: Any, setup: Any, exp_dir: Path, resume: bool = False) -> A
         metric=OBJECTIVE,
         mode="max",
         sampler=optuna.samplers.TPESampler(seed=search["seed"], n_startup_trials=startup),
-        storage=optuna.storages.RDBStorage(f"sqlite:///{exp_dir / 'optuna.db'}"),
+        storage=sqlite_storage(exp_dir / "optuna.db"),
         study_name=exp_dir.name,
         max_epochs=space.max_epochs,
     )
