@@ -163,7 +163,8 @@ def bench_size(files: list[str], size: int, args: argparse.Namespace) -> tuple[R
     loader = DataLoader(shards, batch_size=args.batch_size, shuffle=True,
                         num_workers=args.cpus, collate_fn=Collate(decoder),
                         persistent_workers=True, prefetch_factor=4)
-    ds = train_dataset(files, size, "shift", decode_batch_size=args.batch_size)
+    ds = train_dataset(files, size, "shift", decode_batch_size=args.batch_size,
+                       data_cpus=args.cpus)
     torch_run = Run(lambda: iter(loader))
     ray_run = Run(lambda: iter_train_batches(ds, args.batch_size))
 
@@ -173,7 +174,8 @@ def bench_size(files: list[str], size: int, args: argparse.Namespace) -> tuple[R
         state["epoch"] = 0
         state["stream"] = EpochStream(
             lambda epochs: epochs_dataset(files, size, "shift", epochs,
-                                          decode_batch_size=args.batch_size),
+                                          decode_batch_size=args.batch_size,
+                                          data_cpus=args.cpus),
             len(shards), last_epoch=n)
 
     def next_epoch() -> Iterable[dict[str, torch.Tensor]]:

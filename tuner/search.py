@@ -338,6 +338,8 @@ def run_search(space: Any, setup: Any, exp_dir: Path, resume: bool = False) -> A
     # save Tune's experiment state (trials + searcher) at every step, so a crash loses as
     # little as possible (the state is small)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    # ... which is deliberate: silence Tune's "snapshotting triggered multiple times" warning
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     exp_dir.mkdir(parents=True, exist_ok=resume)
     search = space.search
     startup = search["n_startup_trials"] or max(2, search["num_trials"] // 3)

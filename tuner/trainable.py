@@ -188,7 +188,8 @@ def _method_and_model(config: Mapping[str, Any], setup: TrialSetup, cfg: TrainCo
 def _stream(data: PreparedData, cfg: TrainConfig, setup: TrialSetup) -> Any:
     configure_data_context(setup.data_cpus)
     augment = data.manifest["image"].get("augment", "flip")
-    return train_dataset(data.shard_files("train"), cfg.image_size, augment)
+    return train_dataset(data.shard_files("train"), cfg.image_size, augment,
+                         data_cpus=setup.data_cpus)
 
 
 def _epoch_stream(data: PreparedData, cfg: TrainConfig, setup: TrialSetup) -> EpochStream:
@@ -198,7 +199,8 @@ def _epoch_stream(data: PreparedData, cfg: TrainConfig, setup: TrialSetup) -> Ep
     files = data.shard_files("train")
     rows = sum(pq.read_metadata(f).num_rows for f in files)
     return EpochStream(
-        lambda epochs: epochs_dataset(files, cfg.image_size, augment, epochs),
+        lambda epochs: epochs_dataset(files, cfg.image_size, augment, epochs,
+                                      data_cpus=setup.data_cpus),
         rows, cfg.max_epochs)
 
 
