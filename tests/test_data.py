@@ -33,6 +33,7 @@ from tuner.data.stream import (
     iter_train_batches,
     load_split,
     sample_repeats,
+    task_pool,
     train_dataset,
 )
 from tuner.errors import ChecksumError, ConfigError, DataError
@@ -253,6 +254,34 @@ def test_one_execution_streams_every_epoch_in_full(digits_dir: Path, ray_local: 
     np.testing.assert_array_equal(np.sort(index), np.arange(num_train))
     assert datasets[-1] == [2, 3]
     resumed.close()
+
+
+def test_task_pool_bounds_the_pipeline_below_the_cluster(digits_dir: Path, ray_local: None) -> None:
+    """``data_cpus`` bounds a pipeline's concurrent tasks even where the cluster (2 CPUs)
+    would run more: a budget of 0.5 CPU never runs two decode tasks at once; both training
+    pipelines carry that pool."""
+    import ray.data
+
+    def _timed_block(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import time
+
+        start = time.monotonic()
+        while time.monotonic() - start < 0.02:  # a short CPU-bound task
+            pass
+        return {"start": np.array([start]), "end": np.array([time.monotonic()])}
+
+    configure_data_context(0.5)
+    ds = ray.data.from_items([{"i": i} for i in range(40)], override_num_blocks=40)
+    out = ds.map_batches(_timed_block, batch_size=None, compute=task_pool(0.5)).take_all()
+    events = sorted([(r["start"], 1) for r in out] + [(r["end"], -1) for r in out])
+    running = np.cumsum([step for _, step in events])
+    assert len(out) == 40 and running.max() == 1
+    assert task_pool(1.0).size == 2 and task_pool(2.0).size == 4 and task_pool(0.25).size == 1
+
+    files = PreparedData(digits_dir).shard_files("train")
+    for ds in (epochs_dataset(files, IMAGE_SIZE, "none", range(2), data_cpus=1.5),
+               train_dataset(files, IMAGE_SIZE, "none", data_cpus=1.5)):
+        assert ds._logical_plan.dag.compute.size == 3
 
 
 @pytest.mark.integration
