@@ -44,7 +44,12 @@ def _run_search(tmp_path_factory: pytest.TempPathFactory, kill_session_module) -
     tmp = tmp_path_factory.mktemp("multiworker")
     space = yaml.safe_load((ROOT / "search_spaces/bce.yaml").read_text())
     space["asha"] = {"max_epochs": 2, "grace_period": 1, "reduction_factor": 3}
-    space["search"].update(num_trials=3, max_concurrent=1, seed=0, n_startup_trials=3)
+    # ASHA must stop a trial whatever the (nondeterministic) batch order: one learning rate
+    # that trains and one that leaves the model at its initialisation; sampler seed 2 draws
+    # them as (train, train, untrained), so the third trial falls below the rung's cutoff.
+    space["data"].update(label_regime="clean", rate=0.0)
+    space["train"]["lr"] = {"choice": [3.0e-3, 1.0e-9]}
+    space["search"].update(num_trials=3, max_concurrent=1, seed=2, n_startup_trials=3)
     space["resources"].update(workers_per_trial=2, cpus_per_worker=1, data_cpus=1)
     path = tmp / "bce.yaml"
     path.write_text(yaml.safe_dump(space))
