@@ -164,7 +164,7 @@ def bench_size(files: list[str], size: int, args: argparse.Namespace) -> tuple[R
                         num_workers=args.cpus, collate_fn=Collate(decoder),
                         persistent_workers=True, prefetch_factor=4)
     ds = train_dataset(files, size, "shift", decode_batch_size=args.batch_size,
-                       data_cpus=args.cpus)
+                       rows_per_task=args.rows_per_task or 512, data_cpus=args.cpus)
     torch_run = Run(lambda: iter(loader))
     ray_run = Run(lambda: iter_train_batches(ds, args.batch_size))
 
@@ -175,6 +175,7 @@ def bench_size(files: list[str], size: int, args: argparse.Namespace) -> tuple[R
         state["stream"] = EpochStream(
             lambda epochs: epochs_dataset(files, size, "shift", epochs,
                                           decode_batch_size=args.batch_size,
+                                          rows_per_task=args.rows_per_task,
                                           data_cpus=args.cpus),
             len(shards), last_epoch=n)
 
@@ -198,6 +199,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per round")
     p.add_argument("--rounds", type=int, default=2, help="alternations of the two paths")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--rows-per-task", type=int,
+                   help="rows per decode task (default: 512 per epoch; the trials' stream "
+                        "sizes its tasks by pixels, tuner.data.stream.rows_per_task_for)")
     p.add_argument("--image-size", type=int, nargs="+", default=[48, 160])
     p.add_argument("--repeat", type=int, default=8, help="repeat the training shards N times")
     args = p.parse_args()
