@@ -167,7 +167,7 @@ def rows_per_task_for(image_size: int) -> int:
     """Rows per decode task of :func:`epochs_dataset`: at least 1,024 and about 8 Mpx.
 
     Large tasks keep Ray's per-task costs (scheduling, object-store put and get) small next
-    to decoding; blocks are capped at 128 MB of decoded RGB uint8 (882 rows at 224 px).
+    to decoding; blocks are capped at 128 MB of decoded RGB uint8 (891 rows at 224 px).
     ``benchmarks/data_throughput.py --image-size S --rows-per-task N``, DataLoader = 1.0, on
     2 CPUs: at 48 px 512 rows 0.68x, 2,048 rows 0.89x, 4,096 rows 1.01x; at 160 px 256 rows
     0.75x, 512 rows 0.83-0.92x, 1,024 rows 1.11x.
@@ -305,9 +305,10 @@ def epochs_dataset(
     """Several training epochs as ONE Ray Data execution (see :class:`EpochStream`).
 
     The same work as :func:`train_dataset` per epoch (whole shards in a fresh random order
-    each epoch, about ``rows_per_task`` rows per task, default :func:`rows_per_task_for` the
-    image size, rows permuted within a task, decode + augment), planned here for every epoch in ``epochs`` at once: each task is one
-    ``(epoch, shard group)`` and tags its rows with the epoch. One execution pays Ray Data's
+    each epoch, about ``rows_per_task`` rows per task, by default :func:`rows_per_task_for`
+    the image size, rows permuted within a task, decode + augment), planned here for every
+    epoch in ``epochs`` at once: each task is one ``(epoch, shard group)`` and tags its rows
+    with the epoch. One execution pays Ray Data's
     start-up and end-of-epoch drain once instead of every epoch, and decodes the next epoch
     while the loop validates and checkpoints.
     """
