@@ -15,38 +15,24 @@ On a GPU machine, ``--gpus-per-trial 0.5`` (or 0.25) packs 2 (4) trials per GPU 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
-import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
+from _search import run_space
 
 
 def run(concurrency: int, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
-    import ray
+    def edit(space: dict) -> None:
+        space["asha"] = {"max_epochs": args.epochs, "grace_period": args.epochs,
+                         "reduction_factor": 2}
+        space["search"].update(num_trials=args.trials, max_concurrent=concurrency, seed=0)
+        space["resources"]["gpus_per_trial"] = args.gpus_per_trial
 
-    from tuner import search
-
-    space = yaml.safe_load((ROOT / f"search_spaces/{args.method}.yaml").read_text())
-    space["asha"] = {"max_epochs": args.epochs, "grace_period": args.epochs, "reduction_factor": 2}
-    space["search"].update(num_trials=args.trials, max_concurrent=concurrency, seed=0)
-    space["resources"]["gpus_per_trial"] = args.gpus_per_trial
-    path = tmp / f"{args.method}-{concurrency}.yaml"
-    path.write_text(yaml.safe_dump(space))
-    name = f"scaling-{concurrency}"
     start = time.perf_counter()
-    code = search.main(["--method", args.method, "--space", str(path), "--out", str(tmp),
-                        "--name", name, "--no-test"]
-                       + (["--data-dir", args.data_dir] if args.data_dir else []))
+    trials = run_space(args.method, f"scaling-{concurrency}", edit, tmp, args.data_dir)
     wall = time.perf_counter() - start
-    ray.shutdown()
-    if code != 0:
-        sys.exit(f"the search with {concurrency} trial(s) at once failed (exit {code})")
-    trials = pd.read_parquet(tmp / name / "trials.parquet")
     per_trial = trials.groupby("trial_id")["time_total_s"].max()
     return {"concurrency": concurrency, "wall_s": wall, "trial_s_sum": float(per_trial.sum()),
             "trials": len(per_trial), "epochs": int(trials.groupby("trial_id")["epoch"].max().sum())}

@@ -17,35 +17,21 @@ and the ratio of the N-worker start-up to the 1-worker start-up (the baseline of
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import pandas as pd
-import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
+from _search import run_space
 
 
 def run(method: str, workers: int, args: argparse.Namespace, tmp: Path) -> pd.DataFrame:
-    import ray
+    def edit(space: dict) -> None:
+        space["asha"] = {"max_epochs": args.epochs, "grace_period": args.epochs,
+                         "reduction_factor": 2}
+        space["search"].update(num_trials=args.trials, max_concurrent=1, seed=0)
+        space["resources"].update(workers_per_trial=workers, cpus_per_worker=1)
 
-    from tuner import search
-
-    space = yaml.safe_load((ROOT / f"search_spaces/{method}.yaml").read_text())
-    space["asha"] = {"max_epochs": args.epochs, "grace_period": args.epochs, "reduction_factor": 2}
-    space["search"].update(num_trials=args.trials, max_concurrent=1, seed=0)
-    space["resources"].update(workers_per_trial=workers, cpus_per_worker=1)
-    path = tmp / f"{method}-{workers}.yaml"
-    path.write_text(yaml.safe_dump(space))
-    name = f"overhead-{workers}w"
-    code = search.main(["--method", method, "--space", str(path), "--out", str(tmp),
-                        "--name", name, "--no-test"]
-                       + (["--data-dir", args.data_dir] if args.data_dir else []))
-    ray.shutdown()
-    if code != 0:
-        sys.exit(f"the {workers}-worker search failed (exit {code})")
-    trials = pd.read_parquet(tmp / name / "trials.parquet")
+    trials = run_space(method, f"overhead-{workers}w", edit, tmp, args.data_dir)
     rows = []
     for trial_id, df in trials.groupby("trial_id"):
         df = df.sort_values("epoch")

@@ -42,14 +42,12 @@ def sqlite_storage(path: str | Path, attempts: int = 5) -> optuna.storages.RDBSt
     import sqlalchemy.exc
 
     url = f"sqlite:///{Path(path)}"
-    for attempt in range(attempts):
+    for attempt in range(1, attempts):
         try:
             return optuna.storages.RDBStorage(url)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.2 * (attempt + 1))
-    raise AssertionError("unreachable")
+            time.sleep(0.2 * attempt)
+    return optuna.storages.RDBStorage(url)  # the last attempt raises what it meets
 
 
 class PrunedAwareOptunaSearch(OptunaSearch):
