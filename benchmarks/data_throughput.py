@@ -164,7 +164,7 @@ def bench_size(files: list[str], size: int, args: argparse.Namespace) -> tuple[R
                         num_workers=args.cpus, collate_fn=Collate(decoder),
                         persistent_workers=True, prefetch_factor=4)
     ds = train_dataset(files, size, "shift", decode_batch_size=args.batch_size,
-                       rows_per_task=args.rows_per_task or 512, data_cpus=args.cpus)
+                       rows_per_task=args.rows_per_task, data_cpus=args.cpus)
     torch_run = Run(lambda: iter(loader))
     ray_run = Run(lambda: iter_train_batches(ds, args.batch_size))
 
@@ -200,8 +200,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="alternations of the two paths")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--rows-per-task", type=int,
-                   help="rows per decode task (default: 512 per epoch; the trials' stream "
-                        "sizes its tasks by pixels, tuner.data.stream.rows_per_task_for)")
+                   help="rows per decode task of both Ray Data paths (default: sized by "
+                        "pixels, tuner.data.stream.rows_per_task_for, as in the trials)")
     p.add_argument("--image-size", type=int, nargs="+", default=[48, 160])
     p.add_argument("--repeat", type=int, default=8, help="repeat the training shards N times")
     args = p.parse_args()
@@ -223,9 +223,9 @@ def main() -> None:
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     for size, torch_run, ray_run, multi_run in results:
         t_rate = torch_run.best()[0]
-        for name, run in (("torch DataLoader          ", torch_run),
-                          ("Ray Data, epoch per run   ", ray_run),
-                          ("Ray Data, one run (trials)", multi_run)):
+        for name, run in (("torch DataLoader                    ", torch_run),
+                          ("Ray Data, one execution (trials)    ", multi_run),
+                          ("Ray Data, execution per epoch (M-W) ", ray_run)):
             rate, cpu = run.best()
             print(f"{size:4d}px {name}: {rate:7.0f} images/s  {cpu:5.0f} CPU us/image  "
                   f"first epoch {run.first[1]:.2f}s  rounds [{run.all_rates()}]")

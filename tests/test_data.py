@@ -586,3 +586,29 @@ def test_build_is_deterministic_per_seed(digits_dir: Path, tmp_path: Path) -> No
     assert read_json(same / "manifest.json")["splits"]["train"]["shards"][0] == rel
     assert image_column(same, rel) == image_column(digits_dir, rel)
     assert image_column(other, rel) != image_column(digits_dir, rel)
+
+
+def test_quiet_ray_console_hides_routine_ray_data_lines(ray_local: None,
+                                                        capfd: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    import ray.data
+
+    from tuner.monitoring import quiet_ray_console
+
+    handlers = [h for h in logging.getLogger("ray.data").handlers
+                if isinstance(h, logging.StreamHandler)]
+    levels = [h.level for h in handlers]
+    try:
+        for h in handlers:  # Ray Data's default console level, whatever ran before
+            h.setLevel(logging.INFO)
+        ray.data.range(8).materialize()
+        assert "Starting execution" in "".join(capfd.readouterr())  # the check can see it
+        quiet_ray_console()
+        ray.data.range(8).materialize()
+        assert "Starting execution" not in "".join(capfd.readouterr())
+        logging.getLogger("ray.data").warning("still shown")
+        assert "still shown" in "".join(capfd.readouterr())
+    finally:
+        for h, level in zip(handlers, levels):
+            h.setLevel(level)

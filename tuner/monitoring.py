@@ -26,6 +26,7 @@ and the methods stay runnable without a cluster.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Mapping
@@ -35,6 +36,7 @@ __all__ = [
     "METRIC_NAMES",
     "SearchProgress",
     "images_per_second",
+    "quiet_ray_console",
     "search_progress",
     "trial_metrics",
 ]
@@ -198,3 +200,23 @@ class SearchProgress:
         if last_metrics:
             self.result(last_metrics)
         search_progress(self.counts, self.best, self.experiment)
+
+
+#: loggers of Ray that print an INFO line per epoch of every trial (the checkpoint's path)
+CHATTY_LOGGERS = ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage")
+
+
+def quiet_ray_console() -> None:
+    """Keep a trial's routine Ray INFO lines off the search's console.
+
+    Without this every trial prints Ray Data's "Starting execution ... / Execution plan ...
+    / Progress bars disabled" and every epoch Train's "Checkpoint successfully created at
+    ...", which bury Tune's progress table. Warnings and errors still reach the console;
+    Ray Data's own log file (``ray-data.log`` in the session's logs) keeps its INFO lines.
+    Call it in the trial's process, before its first Ray Data execution.
+    """
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.level < logging.WARNING:
+            handler.setLevel(logging.WARNING)

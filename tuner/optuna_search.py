@@ -9,7 +9,10 @@ numbers intermediate values by Tune's ``training_iteration`` (which restarts on 
 * on completion, first records the final result as an intermediate value, then tells Optuna
   PRUNED when the trial ran fewer than ``max_epochs`` epochs (Optuna then keeps the last
   intermediate value as its value) and COMPLETE with ``objective`` (the trial's best
-  validation mAP) otherwise; errored trials are FAIL;
+  validation mAP) otherwise; errored trials are FAIL. ``stopped_state="complete"`` restores
+  the stock behaviour for comparison (an early-stopped trial is COMPLETE with its best
+  validation mAP so far, so TPE ranks low-fidelity values with full ones:
+  ``benchmarks/search_efficiency.py --compare-stopped`` measures what that costs);
 * tags every Optuna trial with its Tune trial id (user attribute ``tune_trial_id``), and after
   a driver crash (``restore``) hands Optuna trials that were asked for but never reached
   Tune's saved state to the next new Tune trials, with their parameters, so a resumed study
@@ -54,8 +57,11 @@ class PrunedAwareOptunaSearch(OptunaSearch):
     """OptunaSearch that marks early-stopped trials PRUNED and keeps every epoch's value."""
 
     def __init__(self, *args: Any, max_epochs: int, objective: str = "best_val_mAP",
-                 **kwargs: Any) -> None:
+                 stopped_state: str = "pruned", **kwargs: Any) -> None:
+        if stopped_state not in ("pruned", "complete"):
+            raise ValueError(f"stopped_state must be pruned or complete, got {stopped_state!r}")
         super().__init__(*args, **kwargs)
+        self._stopped = TrialState.PRUNED if stopped_state == "pruned" else TrialState.COMPLETE
         self._max_epochs = int(max_epochs)
         self._objective = objective
         self._reported: dict[str, set[int]] = {}
@@ -72,6 +78,7 @@ class PrunedAwareOptunaSearch(OptunaSearch):
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
         self.__dict__.setdefault("_orphans", [])
+        self.__dict__.setdefault("_stopped", TrialState.PRUNED)
         known = {t._trial_id for t in self._ot_trials.values()}
         self._orphans = [
             t._trial_id
@@ -115,7 +122,7 @@ class PrunedAwareOptunaSearch(OptunaSearch):
                      error: bool) -> tuple[TrialState, float | None]:
         if error or not result or result.get(self.metric) is None:
             return TrialState.FAIL, None
-        if int(result.get("epoch", 0)) < self._max_epochs:
+        if int(result.get("epoch", 0)) < self._max_epochs and self._stopped == TrialState.PRUNED:
             return TrialState.PRUNED, None
         value = float(result.get(self._objective, result[self.metric]))
         if not math.isfinite(value):

@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="EXPERIMENT_DIR",
                    help="continue an interrupted search in this experiment directory")
     p.add_argument("--seed", type=int, help="sampler seed (search.seed)")
+    p.add_argument("--sampler", choices=("tpe", "random"),
+                   help="Optuna sampler (search.sampler; default tpe, random is a baseline)")
+    p.add_argument("--scheduler", choices=("asha", "fifo"),
+                   help="early stopping (search.scheduler; default asha, fifo runs every epoch)")
     p.add_argument("--data-dir", help="prepared benchmark directory (default: the cache)")
     p.add_argument("--benchmark", help="benchmark (data.benchmark), e.g. digits-mlt or voc-mlt")
     p.add_argument("--label-regime", metavar="KIND[:RATE]",
@@ -77,6 +81,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         ("search", "num_trials"): args.trials,
         ("search", "max_concurrent"): args.concurrency,
         ("search", "seed"): args.seed,
+        ("search", "sampler"): args.sampler,
+        ("search", "scheduler"): args.scheduler,
         ("asha", "max_epochs"): args.epochs,
         ("asha", "grace_period"): args.grace_period,
         ("resources", "cpus_per_trial"): args.cpus_per_trial,
@@ -327,10 +333,8 @@ def prepare_data(space: Any, exp_dir: Path | None = None) -> tuple[Path, Any]:
 
 def run_search(space: Any, setup: Any, exp_dir: Path, resume: bool = False) -> Any:
     """Run (or, with ``resume``, continue) the Tune experiment; returns the ResultGrid."""
-    import optuna
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from tuner.optuna_search import PrunedAwareOptunaSearch, sqlite_storage
     from tuner.trainable import train_trial
@@ -342,23 +346,17 @@ def run_search(space: Any, setup: Any, exp_dir: Path, resume: bool = False) -> A
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     exp_dir.mkdir(parents=True, exist_ok=resume)
     search = space.search
-    startup = search["n_startup_trials"] or max(2, search["num_trials"] // 3)
     searcher = PrunedAwareOptunaSearch(
         space=space.define_by_run,
         metric=OBJECTIVE,
         mode="max",
-        sampler=optuna.samplers.TPESampler(seed=search["seed"], n_startup_trials=startup),
+        sampler=build_sampler(search),
         storage=sqlite_storage(exp_dir / "optuna.db"),
         study_name=exp_dir.name,
         max_epochs=space.max_epochs,
+        stopped_state=search["stopped_trials"],
     )
-    asha = space.asha
-    scheduler = ASHAScheduler(
-        time_attr="epoch",
-        max_t=asha["max_epochs"],
-        grace_period=asha["grace_period"],
-        reduction_factor=asha["reduction_factor"],
-    )
+    scheduler = build_scheduler(space)
     cluster = ray.cluster_resources()
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, setup=setup), trial_resources(space, cluster)
@@ -388,6 +386,32 @@ def run_search(space: Any, setup: Any, exp_dir: Path, resume: bool = False) -> A
         ),
     )
     return tuner.fit()
+
+
+def build_sampler(search: Mapping[str, Any]) -> Any:
+    """The Optuna sampler of ``search.sampler``: TPE after ``n_startup_trials`` random ones
+    (default ``num_trials // 3``, at least 2), or plain random search (a baseline)."""
+    import optuna
+
+    if search["sampler"] == "random":
+        return optuna.samplers.RandomSampler(seed=search["seed"])
+    startup = search["n_startup_trials"] or max(2, search["num_trials"] // 3)
+    return optuna.samplers.TPESampler(seed=search["seed"], n_startup_trials=startup)
+
+
+def build_scheduler(space: Any) -> Any:
+    """ASHA on ``epoch`` (``search.scheduler: asha``), or FIFO: every trial runs every epoch."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if space.search["scheduler"] == "fifo":
+        return FIFOScheduler()
+    asha = space.asha
+    return ASHAScheduler(
+        time_attr="epoch",
+        max_t=asha["max_epochs"],
+        grace_period=asha["grace_period"],
+        reduction_factor=asha["reduction_factor"],
+    )
 
 
 def _progress_callback(experiment: str, max_epochs: int) -> Any:

@@ -8,7 +8,8 @@ A space file has these sections (see ``search_spaces/*.yaml``)::
     params:    the method's hyperparameters (its Params fields)  constants or domains
     asha:      {max_epochs, grace_period, reduction_factor}
     search:    {num_trials, max_concurrent (an integer or auto), seed, n_startup_trials,
-                max_failures}
+                max_failures, sampler (tpe | random), scheduler (asha | fifo),
+                stopped_trials (pruned | complete)}
     resources: {cpus_per_trial, gpus_per_trial, data_cpus, workers_per_trial, cpus_per_worker,
                 gpus_per_worker}
 
@@ -47,11 +48,18 @@ SECTIONS = {
     "params": None,
     "asha": {"max_epochs": 6, "grace_period": 2, "reduction_factor": 2},
     "search": {"num_trials": 8, "max_concurrent": 2, "seed": 0, "n_startup_trials": None,
-               "max_failures": 2},
+               "max_failures": 2, "sampler": "tpe", "scheduler": "asha",
+               "stopped_trials": "pruned"},
     "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "data_cpus": 1,
                   "workers_per_trial": 1, "cpus_per_worker": 1, "gpus_per_worker": 0},
 }
 BUDGET_NAMES = ("max_epochs",)
+#: the closed choices of the search section
+SEARCH_CHOICES = {
+    "sampler": ("tpe", "random"),
+    "scheduler": ("asha", "fifo"),
+    "stopped_trials": ("pruned", "complete"),
+}
 _INVALID = object()  # placeholder of a domain that failed to parse (already reported)
 
 
@@ -250,6 +258,10 @@ def _check_settings(space: dict[str, dict[str, Any]], problems: list[str]) -> No
         problems.append("resources.cpus_per_trial: must be > 0 (a trial needs a CPU slot)")
     if isinstance(res["cpus_per_worker"], (int, float)) and res["cpus_per_worker"] <= 0:
         problems.append("resources.cpus_per_worker: must be > 0 (a Train worker needs a CPU slot)")
+    for key, options in SEARCH_CHOICES.items():
+        if search[key] not in options:
+            problems.append(f"search.{key}: must be one of {'/'.join(options)}, "
+                            f"got {search[key]!r}")
     if space["data"]["class_stats"] not in ("observed", "clean"):
         problems.append(f"data.class_stats: must be observed or clean, "
                         f"got {space['data']['class_stats']!r}")

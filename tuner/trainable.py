@@ -57,7 +57,7 @@ from tuner.data.stream import (
 )
 from tuner.errors import ConfigError, DataError, NonFiniteLossError, TunerError
 from tuner.loop import TrainConfig, TrainData, evaluate, fit
-from tuner.monitoring import trial_metrics
+from tuner.monitoring import quiet_ray_console, trial_metrics
 
 STATE_FILE = "state.pt"
 FATAL_FILE = "fatal_error.txt"
@@ -209,6 +209,7 @@ def train_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     from ray import tune
 
     started_at = time.time()
+    quiet_ray_console()
     _guard_deterministic(lambda: _train_trial(config, setup, started_at),
                          tune.get_context().get_trial_dir())
 
@@ -311,6 +312,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
     from tuner.distributed import TorchDist
 
+    quiet_ray_console()
     config, setup = loop_config["config"], loop_config["setup"]
     context = ray.train.get_context()
     world, rank = context.get_world_size(), context.get_world_rank()

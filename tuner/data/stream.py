@@ -164,7 +164,7 @@ MAX_BLOCK_BYTES = 1 << 27
 
 
 def rows_per_task_for(image_size: int) -> int:
-    """Rows per decode task of :func:`epochs_dataset`: at least 1,024 and about 8 Mpx.
+    """Rows per decode task of the training streams: at least 1,024 and about 8 Mpx.
 
     Large tasks keep Ray's per-task costs (scheduling, object-store put and get) small next
     to decoding; blocks are capped at 128 MB of decoded RGB uint8 (891 rows at 224 px).
@@ -240,13 +240,13 @@ def train_dataset(
     image_size: int,
     augment: str,
     decode_batch_size: int = 64,
-    rows_per_task: int = 512,
+    rows_per_task: int | None = None,
     data_cpus: float = 1.0,
 ):  # -> ray.data.Dataset
     """The Ray Data training pipeline (lazy): read shards, decode and augment, one task per block.
 
     ``read_parquet`` (file order shuffled every execution, about ``rows_per_task`` rows of
-    whole files per read task) fuses with the decode ``map_batches`` (``batch_size=None``:
+    whole files per read task, by default :func:`rows_per_task_for` the image size) fuses with the decode ``map_batches`` (``batch_size=None``:
     the UDF gets the task's whole block), so a task reads its files, permutes their rows and
     decodes + augments them ``decode_batch_size`` rows at a time; only decoded images go
     through the object store. Fewer, larger tasks keep Ray's per-task cost (scheduling,
@@ -258,6 +258,7 @@ def train_dataset(
 
     files = list(files)
     rows = sum(pq.read_metadata(f).num_rows for f in files)
+    rows_per_task = rows_per_task or rows_per_task_for(image_size)
     tasks = min(len(files), max(1, -(-rows // max(1, rows_per_task))))
     ds = ray.data.read_parquet(
         files, columns=["index", "image"], shuffle="files", override_num_blocks=tasks

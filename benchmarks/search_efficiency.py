@@ -1,0 +1,159 @@
+"""Search efficiency: epochs ASHA + TPE needs to reach a good configuration vs random search.
+
+For each method and sampler seed, runs the method's shipped space (its data and label regime,
+its domains) as
+
+* ``asha-tpe``: Optuna TPE with ASHA early stopping, stopped trials PRUNED (the platform);
+* ``random-fifo``: Optuna random search, every trial trained for the full budget (baseline);
+* ``asha-tpe-complete`` (with ``--compare-stopped``): as ``asha-tpe`` but stopped trials told
+  to Optuna as COMPLETE with their low-fidelity value (Ray's stock OptunaSearch behaviour);
+
+with the same number of trials, epochs, concurrency and seed. The compute a search needs is
+the number of epochs it had trained, over all its trials, when its best validation mAP first
+came within ``--tolerance`` (0.5) mAP of the best value either search of the pair found;
+epochs are counted in the order they finished (Tune's result timestamps). Prints, per pair,
+both figures and the ratio (target: ASHA + TPE at most 1/3 of random's compute), then the
+ratio over all seeds (summed epochs).
+
+    python benchmarks/search_efficiency.py --methods splc,ndlp --seeds 3 --compare-stopped
+
+Runs are kept under ``--out`` (default ``experiments/search-efficiency``): a finished run is
+read back, an interrupted one resumed, so the same command continues after a crash. About
+55 minutes for the command above on the 2-core CPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from _search import run_space
+
+STRATEGIES = {  # name: search-section settings
+    "asha-tpe": {"sampler": "tpe", "scheduler": "asha", "stopped_trials": "pruned"},
+    "random-fifo": {"sampler": "random", "scheduler": "fifo", "stopped_trials": "pruned"},
+    "asha-tpe-complete": {"sampler": "tpe", "scheduler": "asha", "stopped_trials": "complete"},
+}
+#: the pairs compared: (candidate, baseline)
+PAIRS = (("asha-tpe", "random-fifo"), ("asha-tpe", "asha-tpe-complete"))
+
+
+def progress_curve(trials: pd.DataFrame) -> pd.DataFrame:
+    """Every reported epoch of a search in the order it finished, with the epochs trained so
+    far (``compute``) and the best validation mAP found so far (``best``)."""
+    rows = trials.sort_values(["timestamp", "time_total_s"], kind="stable")
+    return pd.DataFrame({
+        "compute": range(1, len(rows) + 1),
+        "best": rows["val_mAP"].cummax().to_numpy(),
+    })
+
+
+def compute_to_reach(trials: pd.DataFrame, target: float) -> float:
+    """Epochs a search had trained when its best val mAP first reached ``target`` (inf: never)."""
+    curve = progress_curve(trials)
+    hit = curve[curve["best"] >= target]
+    return float(hit["compute"].iloc[0]) if len(hit) else math.inf
+
+
+def compare_pair(runs: dict[str, pd.DataFrame], candidate: str, baseline: str,
+                 tolerance: float) -> dict[str, Any]:
+    """The pair's target (best of both minus ``tolerance``) and each search's compute to it."""
+    best = {name: float(runs[name]["val_mAP"].max()) for name in (candidate, baseline)}
+    target = max(best.values()) - tolerance
+    need = {name: compute_to_reach(runs[name], target) for name in (candidate, baseline)}
+    return {
+        "pair": f"{candidate} vs {baseline}", "target": target,
+        "best_candidate": best[candidate], "best_baseline": best[baseline],
+        "epochs_candidate": need[candidate], "epochs_baseline": need[baseline],
+        "total_candidate": len(runs[candidate]), "total_baseline": len(runs[baseline]),
+        "ratio": need[candidate] / need[baseline],
+    }
+
+
+def run(method: str, strategy: str, seed: int, args: argparse.Namespace) -> pd.DataFrame:
+    """One search (or, when it finished before, its saved trials)."""
+    name = f"{method}-{strategy}-s{seed}"
+    saved = args.out / name / "trials.parquet"
+    if saved.is_file() and (args.out / name / "leaderboard.csv").is_file():
+        print(f"[{name}] finished before: reading {saved}")
+        return pd.read_parquet(saved)
+
+    def edit(space: dict) -> None:
+        space["asha"] = {"max_epochs": args.epochs, "grace_period": args.grace_period,
+                         "reduction_factor": args.reduction_factor}
+        space["search"].update(num_trials=args.trials, max_concurrent=args.concurrency,
+                               seed=seed, **STRATEGIES[strategy])
+
+    start = time.perf_counter()
+    trials = run_space(method, name, edit, args.out, args.data_dir)
+    print(f"[{name}] {trials['trial_id'].nunique()} trials, {len(trials)} epochs, "
+          f"best val mAP {trials['val_mAP'].max():.2f}, {time.perf_counter() - start:.0f} s")
+    return trials
+
+
+def summarize(pairs: list[dict[str, Any]]) -> pd.DataFrame:
+    """Per pair kind over seeds: summed epochs-to-target, their ratio, and misses."""
+    out = []
+    for kind, group in pd.DataFrame(pairs).groupby(["method", "pair"], sort=False):
+        cand, base = group["epochs_candidate"], group["epochs_baseline"]
+        out.append({"method": kind[0], "pair": kind[1], "seeds": len(group),
+                    "epochs_candidate": cand.sum(), "epochs_baseline": base.sum(),
+                    "ratio": cand.sum() / base.sum(),
+                    "candidate_missed": int((cand == math.inf).sum()),
+                    "best_candidate": group["best_candidate"].mean(),
+                    "best_baseline": group["best_baseline"].mean()})
+    return pd.DataFrame(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", default="splc,ndlp", help="comma-separated method names")
+    p.add_argument("--seeds", type=int, default=3, help="sampler seeds 0..N-1")
+    p.add_argument("--trials", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=9, help="full budget per trial")
+    p.add_argument("--grace-period", type=int, default=1)
+    p.add_argument("--reduction-factor", type=int, default=3)
+    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--tolerance", type=float, default=0.5, help="mAP below the pair's best")
+    p.add_argument("--compare-stopped", action="store_true",
+                   help="also run TPE with stopped trials COMPLETE (Ray's stock behaviour)")
+    p.add_argument("--out", type=Path, default=Path("experiments/search-efficiency"))
+    p.add_argument("--data-dir", help="prepared DigitsMLT (default: the cache)")
+    args = p.parse_args()
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    strategies = ["asha-tpe", "random-fifo"] + (["asha-tpe-complete"] if args.compare_stopped
+                                                 else [])
+    pairs = []
+    for method in args.methods.split(","):
+        for seed in range(args.seeds):
+            runs = {s: run(method, s, seed, args) for s in strategies}
+            for candidate, baseline in PAIRS:
+                if baseline in runs:
+                    pairs.append({"method": method, "seed": seed,
+                                  **compare_pair(runs, candidate, baseline, args.tolerance)})
+    table = pd.DataFrame(pairs)
+    pd.set_option("display.width", 200)
+    fmt = {"float_format": lambda v: f"{v:.2f}", "index": False}
+    print("\nPer seed (epochs to reach the pair's best val mAP - tolerance; inf: never):")
+    print(table.to_string(**fmt))
+    summary = summarize(pairs)
+    print("\nOver seeds (summed epochs):")
+    print(summary.to_string(**fmt))
+    (args.out / "search_efficiency.json").write_text(json.dumps(
+        {"args": {k: str(v) for k, v in vars(args).items()}, "pairs": pairs,
+         "summary": summary.to_dict("records")}, indent=1, default=str))
+    for row in summary.itertuples():
+        note = ""
+        if row.pair.endswith("random-fifo"):
+            note = f" (target <= 0.33: {'meets' if row.ratio <= 1 / 3 else 'missed'})"
+        print(f"{row.method}: {row.pair}: {row.epochs_candidate:g} vs {row.epochs_baseline:g} "
+              f"epochs, ratio {row.ratio:.2f}{note}")
+
+if __name__ == "__main__":
+    main()

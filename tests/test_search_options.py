@@ -1,0 +1,142 @@
+"""Search options of the space (sampler, scheduler, stopped trials' state) and their effects.
+
+The searcher is driven directly (suggest / result / complete, as Tune calls it) over a real
+SQLite Optuna storage; no Ray cluster is needed for that.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from tuner import search
+from tuner.errors import ConfigError
+from tuner.optuna_search import PrunedAwareOptunaSearch, sqlite_storage
+from tuner.space import load_space
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACE = ROOT / "search_spaces/splc.yaml"
+
+
+def test_defaults_are_tpe_asha_pruned() -> None:
+    space = load_space(SPACE)
+    assert (space.search["sampler"], space.search["scheduler"],
+            space.search["stopped_trials"]) == ("tpe", "asha", "pruned")
+    sampler = search.build_sampler(space.search)
+    assert isinstance(sampler, optuna.samplers.TPESampler)
+    assert sampler._n_startup_trials == max(2, space.search["num_trials"] // 3)
+    assert isinstance(search.build_scheduler(space), ASHAScheduler)
+
+
+def test_random_fifo_from_the_command_line() -> None:
+    args = search.build_parser().parse_args(
+        ["--method", "splc", "--space", str(SPACE), "--sampler", "random", "--scheduler", "fifo"])
+    space = load_space(SPACE, search.overrides_from_args(args), method="splc")
+    assert isinstance(search.build_sampler(space.search), optuna.samplers.RandomSampler)
+    assert isinstance(search.build_scheduler(space), FIFOScheduler)
+
+
+def test_bad_search_choices_are_named() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_space(SPACE, {"search": {"sampler": "grid", "stopped_trials": "done"}})
+    text = str(err.value)
+    assert "search.sampler: must be one of tpe/random, got 'grid'" in text
+    assert "search.stopped_trials: must be one of pruned/complete, got 'done'" in text
+    with pytest.raises(SystemExit) as exit_:  # argparse: one usage line naming the choices
+        search.build_parser().parse_args(["--method", "splc", "--space", str(SPACE),
+                                          "--scheduler", "hyperband"])
+    assert exit_.value.code == 2
+
+
+def _searcher(tmp_path: Path, stopped: str) -> PrunedAwareOptunaSearch:
+    def space(trial: optuna.Trial) -> None:
+        trial.suggest_float("x", 0.0, 1.0)
+
+    return PrunedAwareOptunaSearch(
+        space=space, metric="val_mAP", mode="max", sampler=optuna.samplers.RandomSampler(0),
+        storage=sqlite_storage(tmp_path / f"{stopped}.db"), study_name=stopped, max_epochs=4,
+        stopped_state=stopped)
+
+
+def _run(searcher: PrunedAwareOptunaSearch, trial_id: str, values: list[float]) -> None:
+    assert searcher.suggest(trial_id) is not None
+    result = {}
+    for epoch, value in enumerate(values, start=1):
+        result = {"val_mAP": value, "epoch": epoch, "best_val_mAP": max(values[:epoch])}
+        searcher.on_trial_result(trial_id, result)
+    searcher.on_trial_complete(trial_id, result)
+
+
+@pytest.mark.parametrize("stopped", ["pruned", "complete"])
+def test_stopped_trials_state(tmp_path: Path, stopped: str) -> None:
+    searcher = _searcher(tmp_path, stopped)
+    _run(searcher, "full", [10.0, 30.0, 20.0, 25.0])   # the whole budget: always COMPLETE
+    _run(searcher, "early", [40.0, 35.0])              # stopped by the scheduler at epoch 2
+    study = optuna.load_study(study_name=stopped, storage=f"sqlite:///{tmp_path / stopped}.db")
+    by_tune = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
+    full, early = by_tune["full"], by_tune["early"]
+    assert full.state == TrialState.COMPLETE and full.value == 30.0
+    assert full.intermediate_values == {1: 10.0, 2: 30.0, 3: 20.0, 4: 25.0}
+    assert early.intermediate_values == {1: 40.0, 2: 35.0}
+    if stopped == "pruned":  # Optuna keeps the last intermediate value of a pruned trial
+        assert early.state == TrialState.PRUNED and early.value == 35.0
+    else:  # the stock behaviour: a low-fidelity value ranked with the full ones
+        assert early.state == TrialState.COMPLETE and early.value == 40.0
+
+
+def test_unknown_stopped_state_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="stopped_state must be pruned or complete"):
+        _searcher(tmp_path, "maybe")
+
+
+def _efficiency():
+    spec = importlib.util.spec_from_file_location(
+        "search_efficiency", ROOT / "benchmarks/search_efficiency.py",
+        submodule_search_locations=[])
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
+def test_compute_to_reach_counts_epochs_in_finishing_order() -> None:
+    eff = _efficiency()
+    # two trials interleaved in time; trial b reaches 50 at its 2nd epoch, the 4th finished
+    trials = pd.DataFrame({
+        "trial_id": ["a", "b", "a", "b", "a"],
+        "timestamp": [10, 11, 12, 13, 14],
+        "time_total_s": [1.0, 1.0, 2.0, 2.0, 3.0],
+        "val_mAP": [20.0, 30.0, 40.0, 50.0, 45.0],
+    }).sample(frac=1.0, random_state=0)  # stored order is irrelevant
+    assert eff.compute_to_reach(trials, 50.0) == 4
+    assert eff.compute_to_reach(trials, 39.5) == 3
+    assert eff.compute_to_reach(trials, 50.1) == math.inf
+    # same second: the trial's own time orders its epochs
+    tie = pd.DataFrame({"timestamp": [5, 5], "time_total_s": [2.0, 1.0], "val_mAP": [9.0, 1.0]})
+    assert eff.compute_to_reach(tie, 9.0) == 2
+
+
+def test_compare_pair_uses_the_best_of_both() -> None:
+    eff = _efficiency()
+
+    def run(values: list[float]) -> pd.DataFrame:
+        return pd.DataFrame({"timestamp": range(len(values)), "time_total_s": 1.0,
+                             "val_mAP": values})
+
+    runs = {"asha-tpe": run([10.0, 48.0, 49.8]), "random-fifo": run([5, 20, 30, 40, 50, 10])}
+    row = eff.compare_pair(runs, "asha-tpe", "random-fifo", tolerance=0.5)
+    assert row["target"] == 49.5
+    assert (row["epochs_candidate"], row["epochs_baseline"]) == (3, 5)
+    assert row["ratio"] == pytest.approx(3 / 5)
