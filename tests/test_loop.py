@@ -198,3 +198,31 @@ def test_train_config_validation_names_the_field() -> None:
         TrainConfig(lr=0.0)
     with pytest.raises(ConfigError, match="backbone must be one of"):
         TrainConfig(backbone="vgg")
+
+
+def test_channels_last_trains_the_same_in_nhwc() -> None:
+    seen: list[bool] = []
+    bce = type(methods.create_method("bce", {}, _task()))
+
+    class Recording(bce):
+        def training_step(self, model, batch):
+            nhwc = torch.channels_last
+            conv = model.trunk[0][0].weight  # first conv: 4-D, so NHWC and NCHW differ
+            seen.append(batch["image"].is_contiguous(memory_format=nhwc)
+                        and conv.is_contiguous(memory_format=nhwc))
+            return super().training_step(model, batch)
+
+    def run(channels_last: bool) -> list[float]:
+        seen.clear()
+        torch.manual_seed(0)
+        reports: list[dict] = []
+        fit(Recording(Recording.Params(), _task()), build_model("small_cnn", C),
+            _cfg(channels_last=channels_last, ema_decay=0.0), _data(),
+            lambda m, s: reports.append(m), device=torch.device("cpu"))
+        return [m["val_mAP"] for m in reports]
+
+    nchw = run(False)
+    assert seen and not any(seen)
+    nhwc = run(True)
+    assert seen and all(seen)
+    assert nhwc == pytest.approx(nchw, abs=0.5)  # same training, another memory layout

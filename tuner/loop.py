@@ -47,6 +47,8 @@ class TrainConfig(MethodParams):
     warmup_frac: float = hp(0.1, 0.0, 0.9, doc="share of all steps with linear warm-up")
     ema_decay: float = hp(0.0, 0.0, 1.0, high_open=True, doc="model EMA decay; 0 = off")
     amp: bool = hp(False, choices=(False, True), doc="bfloat16 autocast on GPU")
+    channels_last: bool = hp(False, choices=(False, True),
+                             doc="NHWC memory format for model and images (faster convs on GPU)")
     grad_clip: float = hp(0.0, 0.0, 1e6, doc="max grad norm; 0 = off")
     max_epochs: int = hp(6, 1, 10000, doc="epoch budget; schedules are defined on it")
     seed: int = hp(0, 0, 2**31 - 1)
@@ -153,16 +155,23 @@ class ModelEma:
                 ema_state[name].copy_(value)
 
 
+def _to_device(images: Tensor, device: torch.device, channels_last: bool) -> Tensor:
+    """uint8 ``(B, 3, S, S)`` images as normalized floats on ``device`` (NHWC if asked)."""
+    out = normalize(images.to(device, non_blocking=True))
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
 @torch.no_grad()
 def predict(
-    method: Method, model: nn.Module, images: Tensor, batch_size: int, device: torch.device
+    method: Method, model: nn.Module, images: Tensor, batch_size: int, device: torch.device,
+    channels_last: bool = False,
 ) -> np.ndarray:
     """``(N, C)`` float scores of ``method.predict`` over uint8 images, in eval mode."""
     was_training = model.training
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        batch = normalize(images[start : start + batch_size].to(device, non_blocking=True))
+        batch = _to_device(images[start : start + batch_size], device, channels_last)
         out.append(method.predict(model, batch).float().cpu())
     model.train(was_training)
     if not out:
@@ -181,7 +190,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Platform metrics (mAP, group mAPs, CF1/OF1) of ``model`` on one split, plus the
     method's ``extra_metrics`` (e.g. TailCLIP's softmax mAP, for comparison with a paper)."""
-    scores = predict(method, model, images, cfg.eval_batch_size, device)
+    scores = predict(method, model, images, cfg.eval_batch_size, device, cfg.channels_last)
     metrics = score_metrics(scores, targets, groups, threshold=cfg.threshold)
     metrics.update(method.extra_metrics(scores, targets, groups))
     return metrics
@@ -304,6 +313,8 @@ def fit(
     method.set_stats_targets(targets if stats is None else stats.float())
     model = method.configure_model(model)
     model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     if dist is not None:
         dist.broadcast_module(model)
     step = _Step(
@@ -391,7 +402,7 @@ def _train_epoch(
         wait += time.perf_counter() - t_wait
         index = raw["index"].long()
         batch = {
-            "image": normalize(raw["image"].to(device, non_blocking=True)),
+            "image": _to_device(raw["image"], device, step.cfg.channels_last),
             "target": targets[index].to(device, non_blocking=True),
             "index": index.to(device),
         }
