@@ -75,13 +75,39 @@ def compare_pair(runs: dict[str, pd.DataFrame], candidate: str, baseline: str,
     }
 
 
+def study_states(exp_dir: Path) -> str:
+    """``STATE count`` of the search's Optuna trials, e.g. ``COMPLETE 4, PRUNED 8``."""
+    from collections import Counter
+
+    import optuna
+
+    from tuner.optuna_search import sqlite_storage
+
+    storage = sqlite_storage(exp_dir / "optuna.db")
+    (name,) = optuna.get_all_study_names(storage)  # one search, one study
+    study = optuna.load_study(study_name=name, storage=storage)
+    return ", ".join(f"{k} {v}" for k, v in sorted(Counter(t.state.name for t in study.trials).items()))
+
+
+def run_name(method: str, strategy: str, seed: int, args: argparse.Namespace) -> str:
+    """The run's directory: every setting that changes its result is in the name, so runs of
+    other settings are never mistaken for it (random search ignores the ASHA settings, so
+    its runs serve every grace period and reduction factor)."""
+    key = f"t{args.trials}e{args.epochs}"
+    if STRATEGIES[strategy]["scheduler"] == "asha":
+        key += f"g{args.grace_period}r{args.reduction_factor}"
+    return f"{method}-{strategy}-{key}-c{args.concurrency}-s{seed}"
+
+
 def run(method: str, strategy: str, seed: int, args: argparse.Namespace) -> pd.DataFrame:
     """One search (or, when it finished before, its saved trials)."""
-    name = f"{method}-{strategy}-s{seed}"
+    name = run_name(method, strategy, seed, args)
     saved = args.out / name / "trials.parquet"
     if saved.is_file() and (args.out / name / "leaderboard.csv").is_file():
-        print(f"[{name}] finished before: reading {saved}")
-        return pd.read_parquet(saved)
+        trials = pd.read_parquet(saved)
+        print(f"[{name}] finished before: {len(trials)} epochs, best val mAP "
+              f"{trials['val_mAP'].max():.2f}; Optuna: {study_states(args.out / name)}")
+        return trials
 
     def edit(space: dict) -> None:
         space["asha"] = {"max_epochs": args.epochs, "grace_period": args.grace_period,
@@ -92,7 +118,8 @@ def run(method: str, strategy: str, seed: int, args: argparse.Namespace) -> pd.D
     start = time.perf_counter()
     trials = run_space(method, name, edit, args.out, args.data_dir)
     print(f"[{name}] {trials['trial_id'].nunique()} trials, {len(trials)} epochs, "
-          f"best val mAP {trials['val_mAP'].max():.2f}, {time.perf_counter() - start:.0f} s")
+          f"best val mAP {trials['val_mAP'].max():.2f}, {time.perf_counter() - start:.0f} s; "
+          f"Optuna: {study_states(args.out / name)}")
     return trials
 
 

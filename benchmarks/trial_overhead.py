@@ -6,6 +6,8 @@ workers per trial, and prints per trial:
 * ``startup``: seconds from the trial function's start to its first training step (process,
   model and dataset set-up; for N workers also the TorchTrainer, its worker group and the
   streaming split);
+* ``worker_start``: of that, seconds until the Train workers' loop began (N workers: the
+  TorchTrainer's controller, placement group and worker processes; 0 for 1 worker);
 * ``overhead``: ``1 - (train_time + eval_time) / wall`` over the trial's epochs, where
   ``wall`` is Tune's ``time_total_s`` (set-up, reporting and checkpointing included);
 
@@ -39,6 +41,8 @@ def run(method: str, workers: int, args: argparse.Namespace, tmp: Path) -> pd.Da
         busy = float((df["train_time"] + df["eval_time"]).sum())
         rows.append({"workers": workers, "trial": trial_id, "epochs": int(df["epoch"].max()),
                      "wall_s": wall, "startup_s": float(df["startup_time"].iloc[0]),
+                     "worker_start_s": float(df["worker_start_time"].iloc[0])
+                     if "worker_start_time" in df else 0.0,
                      "overhead": 1.0 - busy / wall})
     return pd.DataFrame(rows)
 
@@ -55,7 +59,7 @@ def main() -> None:
         table = pd.concat([run(args.method, 1, args, Path(tmp)),
                            run(args.method, args.workers, args, Path(tmp))])
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    by = table.groupby("workers")[["startup_s", "overhead", "wall_s"]].mean()
+    by = table.groupby("workers")[["startup_s", "worker_start_s", "overhead", "wall_s"]].mean()
     print("\nmean per trial:\n" + by.to_string(float_format=lambda v: f"{v:.3f}"))
     base, multi = by.loc[1, "startup_s"], by.loc[args.workers, "startup_s"]
     print(f"\nstart-up: 1 worker {base:.1f} s, {args.workers} workers {multi:.1f} s, "

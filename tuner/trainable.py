@@ -312,6 +312,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
     from tuner.distributed import TorchDist
 
+    entered = time.time()
     quiet_ray_console()
     config, setup = loop_config["config"], loop_config["setup"]
     context = ray.train.get_context()
@@ -326,6 +327,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
     def report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
         metrics = {**metrics, "workers": world}
+        if loop_config.get("started_at") is not None:  # trial start -> this worker's loop
+            metrics["worker_start_time"] = max(0.0, entered - loop_config["started_at"])
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
