@@ -607,6 +607,9 @@ def test_quiet_ray_console_hides_routine_ray_data_lines(ray_local: None,
         quiet_ray_console()
         ray.data.range(8).materialize()
         assert "Starting execution" not in "".join(capfd.readouterr())
+        from ray.util.debug import log_once  # the progress-bar notice counts as shown
+
+        assert not log_once("ray_data_progress_manager_disabled")
         logging.getLogger("ray.data").warning("still shown")
         assert "still shown" in "".join(capfd.readouterr())
     finally:

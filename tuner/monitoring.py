@@ -211,10 +211,14 @@ def quiet_ray_console() -> None:
 
     Without this every trial prints Ray Data's "Starting execution ... / Execution plan ...
     / Progress bars disabled" and every epoch Train's "Checkpoint successfully created at
-    ...", which bury Tune's progress table. Warnings and errors still reach the console;
-    Ray Data's own log file (``ray-data.log`` in the session's logs) keeps its INFO lines.
-    Call it in the trial's process, before its first Ray Data execution.
+    ...", which bury Tune's progress table. Warnings and errors still reach the console
+    (except the progress-bar notice: the platform turns them off on purpose); Ray Data's own
+    log file (``ray-data.log`` in the session's logs) keeps its INFO lines. Call it in the
+    trial's process, before its first Ray Data execution.
     """
+    from ray.util.debug import log_once
+
+    log_once("ray_data_progress_manager_disabled")  # marks Ray's one-time notice as shown
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     for handler in logging.getLogger("ray.data").handlers:

@@ -246,8 +246,9 @@ def train_dataset(
     """The Ray Data training pipeline (lazy): read shards, decode and augment, one task per block.
 
     ``read_parquet`` (file order shuffled every execution, about ``rows_per_task`` rows of
-    whole files per read task, by default :func:`rows_per_task_for` the image size) fuses with the decode ``map_batches`` (``batch_size=None``:
-    the UDF gets the task's whole block), so a task reads its files, permutes their rows and
+    whole files per read task, by default :func:`rows_per_task_for` the image size) fuses
+    with the decode ``map_batches`` (``batch_size=None``: the UDF gets the task's whole
+    block), so a task reads its files, permutes their rows and
     decodes + augments them ``decode_batch_size`` rows at a time; only decoded images go
     through the object store. Fewer, larger tasks keep Ray's per-task cost (scheduling,
     object-store puts, the driver's executor loop) small next to decoding, and the in-block
