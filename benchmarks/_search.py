@@ -24,7 +24,7 @@ def run_space(method: str, name: str, edit: Callable[[dict[str, Any]], None], ou
     space = yaml.safe_load((ROOT / f"search_spaces/{method}.yaml").read_text())
     edit(space)
     path = out / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(space))
+    path.write_text(yaml.safe_dump(space, sort_keys=False))  # named bounds need file order
     code = search.main(["--method", method, "--space", str(path), "--out", str(out),
                         "--name", name, "--no-test"] + (["--data-dir", data_dir] if data_dir else []))
     ray.shutdown()

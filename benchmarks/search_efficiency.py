@@ -123,6 +123,15 @@ def run(method: str, strategy: str, seed: int, args: argparse.Namespace) -> pd.D
     return trials
 
 
+def rank_fidelity(trials: pd.DataFrame) -> pd.Series:
+    """Spearman correlation, over the trials of a search without early stopping, between the
+    val mAP at each epoch and the trial's best over the full budget: how well a rung at that
+    epoch ranks trials (ASHA keeps the top 1/reduction_factor by this value)."""
+    by_epoch = trials.pivot_table(index="trial_id", columns="epoch", values="val_mAP")
+    final = trials.groupby("trial_id")["val_mAP"].max()
+    return by_epoch.apply(lambda col: col.corr(final, method="spearman"))
+
+
 def summarize(pairs: list[dict[str, Any]]) -> pd.DataFrame:
     """Per pair kind over seeds: summed epochs-to-target, their ratio, and misses."""
     out = []
@@ -156,10 +165,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     strategies = ["asha-tpe", "random-fifo"] + (["asha-tpe-complete"] if args.compare_stopped
                                                  else [])
-    pairs = []
+    pairs, fidelity = [], {}
     for method in args.methods.split(","):
         for seed in range(args.seeds):
             runs = {s: run(method, s, seed, args) for s in strategies}
+            fidelity[f"{method} s{seed}"] = rank_fidelity(runs["random-fifo"])
             for candidate, baseline in PAIRS:
                 if baseline in runs:
                     pairs.append({"method": method, "seed": seed,
@@ -169,11 +179,16 @@ def main() -> None:
     fmt = {"float_format": lambda v: f"{v:.2f}", "index": False}
     print("\nPer seed (epochs to reach the pair's best val mAP - tolerance; inf: never):")
     print(table.to_string(**fmt))
+    ranks = pd.DataFrame(fidelity).T
+    print("\nRank fidelity of a rung at each epoch (Spearman, val mAP then vs the trial's best; "
+          "random-fifo runs):")
+    print(ranks.to_string(float_format=lambda v: f"{v:.2f}"))
     summary = summarize(pairs)
     print("\nOver seeds (summed epochs):")
     print(summary.to_string(**fmt))
     (args.out / "search_efficiency.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(args).items()}, "pairs": pairs,
+         "rank_fidelity": {k: {str(e): v for e, v in r.items()} for k, r in fidelity.items()},
          "summary": summary.to_dict("records")}, indent=1, default=str))
     for row in summary.itertuples():
         note = ""

@@ -140,3 +140,13 @@ def test_compare_pair_uses_the_best_of_both() -> None:
     assert row["target"] == 49.5
     assert (row["epochs_candidate"], row["epochs_baseline"]) == (3, 5)
     assert row["ratio"] == pytest.approx(3 / 5)
+
+
+def test_rank_fidelity_is_spearman_against_the_final_best() -> None:
+    eff = _efficiency()
+    # 3 trials x 2 epochs: epoch 1 ranks them exactly backwards, epoch 2 exactly right
+    trials = pd.DataFrame({"trial_id": ["a", "a", "b", "b", "c", "c"],
+                           "epoch": [1, 2, 1, 2, 1, 2],
+                           "val_mAP": [5.0, 10.0, 4.0, 20.0, 3.0, 30.0]})
+    fidelity = eff.rank_fidelity(trials)
+    assert fidelity[1] == pytest.approx(-1.0) and fidelity[2] == pytest.approx(1.0)
