@@ -137,10 +137,14 @@ def summarize(pairs: list[dict[str, Any]]) -> pd.DataFrame:
     out = []
     for kind, group in pd.DataFrame(pairs).groupby(["method", "pair"], sort=False):
         cand, base = group["epochs_candidate"], group["epochs_baseline"]
+        both = math.isfinite(cand.sum()) and math.isfinite(base.sum())
         out.append({"method": kind[0], "pair": kind[1], "seeds": len(group),
                     "epochs_candidate": cand.sum(), "epochs_baseline": base.sum(),
-                    "ratio": cand.sum() / base.sum(),
+                    # a search that never reached the target needed more than it had
+                    "ratio": cand.sum() / base.sum() if both else
+                    (math.inf if math.isfinite(base.sum()) else math.nan),
                     "candidate_missed": int((cand == math.inf).sum()),
+                    "baseline_missed": int((base == math.inf).sum()),
                     "best_candidate": group["best_candidate"].mean(),
                     "best_baseline": group["best_baseline"].mean()})
     return pd.DataFrame(out)
