@@ -205,5 +205,6 @@ def main() -> None:
         print(f"{row.method}: {row.pair}: {row.epochs_candidate:g} vs {row.epochs_baseline:g} "
               f"epochs, ratio {row.ratio:.2f}{note}")
 
+
 if __name__ == "__main__":
     main()

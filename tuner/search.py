@@ -38,6 +38,8 @@ DRIVER_RESOURCE = "trial_driver"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tuner.space import SEARCH_CHOICES
+
     p = argparse.ArgumentParser(prog="python -m tuner.search", description=__doc__.split("\n")[0])
     p.add_argument("--method", required=True, help="registered method name, e.g. hill")
     p.add_argument("--space", required=True, help="search space YAML, e.g. search_spaces/hill.yaml")
@@ -58,9 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="EXPERIMENT_DIR",
                    help="continue an interrupted search in this experiment directory")
     p.add_argument("--seed", type=int, help="sampler seed (search.seed)")
-    p.add_argument("--sampler", choices=("tpe", "random"),
+    p.add_argument("--sampler", choices=SEARCH_CHOICES["sampler"],
                    help="Optuna sampler (search.sampler; default tpe, random is a baseline)")
-    p.add_argument("--scheduler", choices=("asha", "fifo"),
+    p.add_argument("--scheduler", choices=SEARCH_CHOICES["scheduler"],
                    help="early stopping (search.scheduler; default asha, fifo runs every epoch)")
     p.add_argument("--data-dir", help="prepared benchmark directory (default: the cache)")
     p.add_argument("--benchmark", help="benchmark (data.benchmark), e.g. digits-mlt or voc-mlt")
