@@ -10,8 +10,9 @@ consumer, which only counts them:
   each batch in ``collate_fn``;
 * Ray Data, one execution (what a single-worker trial runs): ``EpochStream`` over
   ``epochs_dataset`` + ``iter_train_batches``: one Ray Data execution for a round's epochs;
-* Ray Data, an execution per epoch (what each worker of a multi-worker trial runs through
-  ``streaming_split``): ``train_dataset`` + ``iter_train_batches``;
+* Ray Data, an execution per epoch: ``train_dataset`` + ``iter_train_batches`` (the input
+  of Train's ``streaming_split``, which multi-worker trials used until 2026-12-01; each
+  worker now runs the one-execution stream over its share of every epoch);
 
 both in a local Ray started here with ``--cpus + 1`` logical CPUs and the data pipeline capped
 at ``--cpus`` (``configure_data_context``). Ray is started before any path runs, so all share

@@ -32,6 +32,7 @@ from tuner.data.stream import (
     epochs_dataset,
     iter_train_batches,
     load_split,
+    plan_epochs,
     sample_repeats,
     task_pool,
     train_dataset,
@@ -254,6 +255,50 @@ def test_one_execution_streams_every_epoch_in_full(digits_dir: Path, ray_local: 
     np.testing.assert_array_equal(np.sort(index), np.arange(num_train))
     assert datasets[-1] == [2, 3]
     resumed.close()
+
+
+@pytest.mark.integration
+def test_ranks_stream_disjoint_shares_that_cover_each_epoch(digits_dir: Path,
+                                                           ray_local: None) -> None:
+    """A multi-worker trial's stream: each rank's execution holds its planned share of every
+    epoch, the shares are disjoint and together every train image once, the shares change
+    from epoch to epoch, and a rank that resumes later plans the same share."""
+    data = PreparedData(digits_dir)
+    files = data.shard_files("train")
+    num_train = data.manifest["splits"]["train"]["num_images"]
+    world, seed = 2, 1234
+    configure_data_context(0.5)
+
+    def stream(rank: int) -> EpochStream:
+        def rows(epoch: int) -> int:
+            return sum(item["rows"] for item in plan_epochs(
+                files, IMAGE_SIZE, [epoch], rows_per_task=128, seed=seed, rank=rank,
+                world=world))
+
+        return EpochStream(lambda epochs: epochs_dataset(
+            files, IMAGE_SIZE, "none", epochs, rows_per_task=128, seed=seed, rank=rank,
+            world=world, data_cpus=0.5), rows, last_epoch=3)
+
+    streams = [stream(rank) for rank in range(world)]
+    shares = {}
+    for epoch in range(3):
+        for rank, s in enumerate(streams):
+            shares[epoch, rank] = np.concatenate(
+                [b["index"].numpy() for b in iter_train_batches(s.blocks(epoch), 64)])
+        a, b = shares[epoch, 0], shares[epoch, 1]
+        assert len(np.intersect1d(a, b)) == 0
+        np.testing.assert_array_equal(np.sort(np.concatenate([a, b])), np.arange(num_train))
+        tasks = len(plan_epochs(files, IMAGE_SIZE, [epoch], rows_per_task=128, seed=seed))
+        assert tasks > 1 and abs(len(a) - len(b)) <= tasks  # within a row per task
+    assert not np.array_equal(np.sort(shares[0, 0]), np.sort(shares[1, 0]))
+    for s in streams:
+        s.close()
+    resumed = stream(1)
+    later = np.concatenate([b["index"].numpy() for b in iter_train_batches(resumed.blocks(2), 64)])
+    np.testing.assert_array_equal(np.sort(later), np.sort(shares[2, 1]))
+    resumed.close()
+    with pytest.raises(ValueError, match="seed shared by all ranks"):
+        plan_epochs(files, IMAGE_SIZE, [0], rank=0, world=2)
 
 
 def test_task_pool_bounds_the_pipeline_below_the_cluster(digits_dir: Path, ray_local: None) -> None:

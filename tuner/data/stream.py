@@ -4,8 +4,10 @@ The training split streams from the Parquet shards with Ray Data: shards (file o
 each epoch) read and decoded + augmented on CPU in ``map_batches`` tasks, then whole decoded
 blocks through a local shuffle buffer (:func:`iter_train_batches`) into the training loop. A
 single-worker trial runs all its epochs as one Ray Data execution (:func:`epochs_dataset`,
-:class:`EpochStream`); each worker of a multi-worker trial iterates its ``streaming_split``
-shard of :func:`train_dataset` once per epoch. Batches carry only
+:class:`EpochStream`); each worker of a multi-worker trial runs its own such execution over
+its disjoint share of every epoch (``rank``/``world``: no split coordinator, no per-epoch
+start). :func:`train_dataset` is the per-epoch pipeline (Train's ``streaming_split`` input,
+kept as a reference for ``benchmarks/data_throughput.py``). Batches carry only
 ``image`` and ``index``; the loop looks the labels up by ``index`` in the trial's label table, so
 label views and methods that correct labels never touch the stream.
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -275,23 +277,71 @@ def train_dataset(
 
 @dataclass(frozen=True)
 class _ReadShuffleDecode:
-    """UDF of :func:`epochs_dataset`: read one task's shards, permute, decode, tag the epoch."""
+    """UDF of :func:`epochs_dataset`: read one task's shards, keep this rank's rows, permute,
+    decode, tag the epoch."""
 
     decoder: Decoder
     chunk_rows: int
+    rank: int = 0
+    world: int = 1
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images, index, epoch = [], [], []
-        for e, files in zip(batch["epoch"], batch["files"]):
+        for e, files, split_seed in zip(batch["epoch"], batch["files"], batch["split_seed"]):
             tables = [pq.read_table(str(f), columns=["index", "image"]) for f in files]
             encoded = [b for t in tables for b in t.column("image").to_pylist()]
             rows = np.concatenate([t.column("index").to_numpy() for t in tables])
+            if self.world > 1:  # the same permutation on every rank: disjoint, balanced rows
+                mine = np.random.default_rng(int(split_seed)).permutation(len(rows))
+                mine = np.sort(mine[self.rank :: self.world])
+                encoded, rows = [encoded[i] for i in mine], rows[mine]
             out = _ShuffleDecode(self.decoder, self.chunk_rows)({"image": encoded, "index": rows})
             images.append(out["image"])
             index.append(out["index"])
             epoch.append(np.full(len(rows), int(e), dtype=np.int64))
         return {"image": np.concatenate(images), "index": np.concatenate(index),
                 "epoch": np.concatenate(epoch)}
+
+
+def plan_epochs(
+    files: Sequence[str],
+    image_size: int,
+    epochs: Sequence[int],
+    rows_per_task: int | None = None,
+    seed: int | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> list[dict]:
+    """The tasks of :func:`epochs_dataset`: ``{epoch, files, split_seed, rows}`` per task.
+
+    Each epoch puts the shards in a random order and groups them into tasks of about
+    ``rows_per_task`` rows. With ``world > 1`` each task's rows are dealt to the ranks by a
+    permutation that every rank draws alike (``split_seed``), so the ranks' rows are
+    disjoint and their counts differ by at most one per task; ``rows`` is this rank's share.
+    The plan of an epoch depends only on ``(seed, epoch)`` (a resumed worker plans its
+    epochs as the others do), which is why several ranks need the same, explicit ``seed``.
+    """
+    files = [str(f) for f in files]
+    if not files:
+        raise ValueError("no training shards to stream")
+    if world > 1 and seed is None:
+        raise ValueError("a stream split over several ranks needs a seed shared by all ranks")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside the world of {world} workers")
+    counts = [pq.read_metadata(f).num_rows for f in files]
+    rows_per_task = rows_per_task or rows_per_task_for(image_size)
+    tasks = min(len(files), max(1, -(-sum(counts) // max(1, rows_per_task))))
+    shared = np.random.default_rng(seed) if seed is None else None
+    items = []
+    for epoch in epochs:
+        rng = shared if shared is not None else np.random.default_rng([seed, int(epoch)])
+        order = rng.permutation(len(files))
+        for group in np.array_split(order, tasks):
+            n = sum(counts[i] for i in group)
+            items.append({"epoch": int(epoch), "files": [files[i] for i in group],
+                          "split_seed": int(rng.integers(2**62)),
+                          "rows": len(range(rank, n, world))})
+    return items
 
 
 def epochs_dataset(
@@ -303,34 +353,31 @@ def epochs_dataset(
     rows_per_task: int | None = None,
     seed: int | None = None,
     data_cpus: float = 1.0,
+    rank: int = 0,
+    world: int = 1,
 ):  # -> ray.data.Dataset
     """Several training epochs as ONE Ray Data execution (see :class:`EpochStream`).
 
     The same work as :func:`train_dataset` per epoch (whole shards in a fresh random order
     each epoch, about ``rows_per_task`` rows per task, by default :func:`rows_per_task_for`
     the image size, rows permuted within a task, decode + augment), planned here for every
-    epoch in ``epochs`` at once: each task is one ``(epoch, shard group)`` and tags its rows
-    with the epoch. One execution pays Ray Data's
+    epoch in ``epochs`` at once (:func:`plan_epochs`): each task is one ``(epoch, shard
+    group)`` and tags its rows with the epoch. One execution pays Ray Data's
     start-up and end-of-epoch drain once instead of every epoch, and decodes the next epoch
     while the loop validates and checkpoints.
+
+    With ``world > 1`` this is rank ``rank``'s part of a multi-worker trial's stream: every
+    rank runs its own execution over the same plan (same ``seed``) and decodes only its rows
+    of each task (disjoint across ranks, together every row of the epoch); each rank reads
+    the encoded bytes of all shards, but decodes only its own share.
     """
     import ray.data
 
-    files = [str(f) for f in files]
-    if not files:
-        raise ValueError("no training shards to stream")
-    rows = sum(pq.read_metadata(f).num_rows for f in files)
-    rows_per_task = rows_per_task or rows_per_task_for(image_size)
-    tasks = min(len(files), max(1, -(-rows // max(1, rows_per_task))))
-    rng = np.random.default_rng(seed)
-    items = []
-    for epoch in epochs:
-        order = rng.permutation(len(files))
-        for group in np.array_split(order, tasks):
-            items.append({"epoch": int(epoch), "files": [files[i] for i in group]})
+    items = plan_epochs(files, image_size, epochs, rows_per_task, seed, rank, world)
+    items = [{k: v for k, v in item.items() if k != "rows"} for item in items]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     return ds.map_batches(
-        _ReadShuffleDecode(Decoder(image_size, augment), decode_batch_size),
+        _ReadShuffleDecode(Decoder(image_size, augment), decode_batch_size, rank, world),
         batch_format="numpy",
         batch_size=None,
         zero_copy_batch=True,
@@ -351,14 +398,16 @@ class EpochStream:
     Args:
         make_dataset: ``epochs -> ray.data.Dataset`` (e.g. :func:`epochs_dataset` bound to
             the shards), called with ``range(first, last_epoch)``.
-        rows_per_epoch: training rows of one epoch.
+        rows_per_epoch: training rows of one epoch, or ``epoch -> rows`` where they differ
+            per epoch (a rank's share of a split stream, :func:`plan_epochs`).
         last_epoch: the epoch budget (exclusive end).
     """
 
-    def __init__(self, make_dataset, rows_per_epoch: int, last_epoch: int,
-                 prefetch: int = 2) -> None:
+    def __init__(self, make_dataset, rows_per_epoch: int | Callable[[int], int],
+                 last_epoch: int, prefetch: int = 2) -> None:
         self.make_dataset = make_dataset
-        self.rows_per_epoch = int(rows_per_epoch)
+        self._rows = rows_per_epoch if callable(rows_per_epoch) else (
+            lambda epoch, n=int(rows_per_epoch): n)
         self.last_epoch = int(last_epoch)
         self.prefetch = prefetch
         self.next_epoch: int | None = None
@@ -386,17 +435,17 @@ class EpochStream:
         return self._epoch(epoch)
 
     def _epoch(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        got = 0
+        got, expected = 0, int(self._rows(epoch))
         for block in self._stash.pop(epoch, []):
             got += len(block["index"])
             yield block
-        while got < self.rows_per_epoch:
+        while got < expected:
             try:
                 block = next(self._it)
             except StopIteration:
                 self._it = None
                 raise RuntimeError(
-                    f"the training stream ended after {got} of {self.rows_per_epoch} rows of "
+                    f"the training stream ended after {got} of {expected} rows of "
                     f"epoch {epoch}; were the shards changed during the trial?"
                 ) from None
             tags = np.asarray(block["epoch"], dtype=np.int64)
@@ -409,9 +458,8 @@ class EpochStream:
                 elif e > epoch:
                     self._stash.setdefault(e, []).append(part)
                 # e < epoch: rest of an epoch the consumer abandoned; dropped
-        if got > self.rows_per_epoch:
-            raise RuntimeError(f"epoch {epoch} streamed {got} rows, expected "
-                               f"{self.rows_per_epoch}")
+        if got > expected:
+            raise RuntimeError(f"epoch {epoch} streamed {got} rows, expected {expected}")
 
 
 def sample_repeats(weights: np.ndarray, seed: int) -> np.ndarray:
