@@ -11,6 +11,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
@@ -145,3 +146,19 @@ def test_rank_fidelity_is_spearman_against_the_final_best() -> None:
                            "val_mAP": [5.0, 10.0, 4.0, 20.0, 3.0, 30.0]})
     fidelity = eff.rank_fidelity(trials)
     assert fidelity[1] == pytest.approx(-1.0) and fidelity[2] == pytest.approx(1.0)
+
+
+def test_asha_replay_follows_rays_rung_rule() -> None:
+    eff = _efficiency()
+    # trial 2 is the best but scores 0 until its last epoch; rungs at epochs 1 and 2 (rf 2)
+    curves = np.array([[1.0, 2.0, 3.0], [5.0, 6.0, 7.0], [0.0, 0.0, 10.0]])
+    # trial 2 last: continues past nothing, stopped at rung 1 (0 < median of 1, 5)
+    assert eff.asha_replay(curves, [0, 1, 2], grace=1, rf=2, target=9.5) == (math.inf, 9, 7)
+    # trial 2 first: the first trial at a rung always continues, and reaches 10 at once
+    assert eff.asha_replay(curves, [2, 0, 1], grace=1, rf=2, target=9.5) == (3, 3, 9)
+    # over shuffled orders ASHA reaches the target only when trial 2 comes first (1/3)
+    trials = pd.DataFrame([{"trial_id": t, "epoch": e + 1, "val_mAP": v}
+                           for t, row in enumerate(curves) for e, v in enumerate(row)])
+    (row,) = eff.replay_schedules(trials, [(1, 2)], tolerance=0.5).to_dict("records")
+    assert abs(row["reached"] - 1 / 3) < 0.1
+    assert row["ratio"] == pytest.approx(1.0)  # both need its 3 epochs when it comes first
