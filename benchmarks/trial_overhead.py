@@ -4,8 +4,8 @@ Runs the same small search twice on a fresh local Ray cluster, with 1 and with N
 workers per trial, and prints per trial:
 
 * ``startup``: seconds from the trial function's start to its first training step (process,
-  model and dataset set-up; for N workers also the TorchTrainer, its worker group and the
-  streaming split);
+  model and dataset set-up; for N workers also the TorchTrainer and its worker group, each
+  worker starting its own share of the stream);
 * ``worker_start``: of that, seconds until the Train workers' loop began (N workers: the
   TorchTrainer's controller, placement group and worker processes; 0 for 1 worker);
 * ``overhead``: ``1 - (train_time + eval_time) / wall`` over the trial's epochs, where
