@@ -98,6 +98,38 @@ def test_unknown_stopped_state_is_refused(tmp_path: Path) -> None:
         _searcher(tmp_path, "maybe")
 
 
+def test_a_new_searcher_reuses_the_trials_a_stopped_search_asked_for(tmp_path: Path) -> None:
+    """A search killed before Tune saved any state leaves RUNNING Optuna trials; the searcher
+    of its restart hands them to its first trials instead of asking for new ones."""
+    first = _searcher(tmp_path, "pruned")
+    asked = first.suggest("killed-1")
+    del first  # the driver died here: the Optuna trial stays RUNNING
+    again = _searcher(tmp_path, "pruned")
+    assert again.suggest("new-1") == asked  # the same parameters, the same Optuna trial
+    _run(again, "new-2", [1.0, 2.0, 3.0, 4.0])
+    study = optuna.load_study(study_name="pruned", storage=f"sqlite:///{tmp_path}/pruned.db")
+    assert len(study.trials) == 2
+    assert {t.user_attrs["tune_trial_id"] for t in study.trials} == {"new-1", "new-2"}
+
+
+def test_a_search_stopped_before_its_first_state_starts_again_in_place(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    exp = tmp_path / "out" / "early"
+    exp.mkdir(parents=True)
+    (exp / "tuner.pkl").write_bytes(b"")  # what Tune writes first; no experiment_state yet
+    args = search.build_parser().parse_args(
+        ["--method", "bce", "--space", str(ROOT / "search_spaces/bce.yaml"),
+         "--out", str(tmp_path / "out"), "--name", "early"])
+    assert search.experiment_dir(args) == (exp, False)
+    assert "starting it again in place" in capsys.readouterr().out
+    args.resume = str(exp)
+    assert search.experiment_dir(args) == (exp, False)
+    (exp / "experiment_state-2026-12-01_20-04-06.json").write_text("{}")
+    assert search.experiment_dir(args) == (exp, True)
+    args.resume = None
+    assert search.experiment_dir(args) == (exp, True)
+
+
 def _efficiency():
     """``benchmarks/search_efficiency.py`` as a module (it imports its sibling ``_search``)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))

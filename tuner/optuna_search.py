@@ -14,9 +14,10 @@ numbers intermediate values by Tune's ``training_iteration`` (which restarts on 
   validation mAP so far, so TPE ranks low-fidelity values with full ones:
   ``benchmarks/search_efficiency.py --compare-stopped`` measures what that costs);
 * tags every Optuna trial with its Tune trial id (user attribute ``tune_trial_id``), and after
-  a driver crash (``restore``) hands Optuna trials that were asked for but never reached
-  Tune's saved state to the next new Tune trials, with their parameters, so a resumed study
-  has exactly one Optuna trial per Tune trial and nothing is suggested twice.
+  a driver crash (``restore``, or a new searcher on the study of a search killed before Tune
+  saved any state) hands Optuna trials that were asked for but never reached Tune's saved
+  state to the next new Tune trials, with their parameters, so a resumed study has exactly
+  one Optuna trial per Tune trial and nothing is suggested twice.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         self._max_epochs = int(max_epochs)
         self._objective = objective
         self._reported: dict[str, set[int]] = {}
-        self._orphans: list[int] = []
+        # a search started again in place (killed before Tune saved any state) finds the
+        # Optuna trials it had asked for in the study: hand them to its first trials
+        self._orphans = self._unclaimed() if getattr(self, "_ot_study", None) else []
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         if trial_id not in self._ot_trials and self._orphans:
@@ -79,15 +82,19 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         super().restore(checkpoint_path)
         self.__dict__.setdefault("_orphans", [])
         self.__dict__.setdefault("_stopped", TrialState.PRUNED)
+        self._orphans = self._unclaimed()
+
+    def _unclaimed(self) -> list[int]:
+        """Optuna trials asked for (RUNNING) that no Tune trial of this searcher holds."""
         known = {t._trial_id for t in self._ot_trials.values()}
-        self._orphans = [
+        orphans = [
             t._trial_id
             for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if t._trial_id not in known
         ]
-        if self._orphans:
-            logger.info("re-using %d Optuna trial(s) asked for before the crash",
-                        len(self._orphans))
+        if orphans:
+            logger.info("re-using %d Optuna trial(s) asked for before the crash", len(orphans))
+        return orphans
 
     def _report(self, trial_id: str, result: dict[str, Any]) -> None:
         value, epoch = result.get(self.metric), result.get("epoch")

@@ -289,17 +289,33 @@ def experiment_dir(args: argparse.Namespace) -> tuple[Path, bool]:
         if not tune.Tuner.can_restore(str(exp_dir)):
             raise ConfigError(f"--resume {args.resume}: no Tune experiment state there; pass "
                               f"the experiment directory a search printed (OUT/NAME)")
+        if not _has_trial_state(exp_dir):
+            return exp_dir, False
         print(f"resuming the search in {exp_dir}")
         return exp_dir, True
     name = args.name or f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     exp_dir = Path(args.out).resolve() / name
     if exp_dir.exists():
         if tune.Tuner.can_restore(str(exp_dir)):
+            if not _has_trial_state(exp_dir):
+                return exp_dir, False
             print(f"experiment {exp_dir} exists: resuming it")
             return exp_dir, True
         raise ConfigError(f"experiment {exp_dir} exists and holds no resumable search; "
                           f"choose another --name")
     return exp_dir, False
+
+
+def _has_trial_state(exp_dir: Path) -> bool:
+    """Whether Tune saved the experiment's trial state; a search killed in its first seconds
+    leaves only ``tuner.pkl`` (and maybe its Optuna study), which Tune cannot resume from:
+    it is started again in place, and the searcher re-uses the Optuna trials it had asked
+    for (``PrunedAwareOptunaSearch``)."""
+    if any(exp_dir.glob("experiment_state-*.json")):
+        return True
+    print(f"experiment {exp_dir} was stopped before Tune saved any trial state: "
+          f"starting it again in place")
+    return False
 
 
 def prepare_data(space: Any, exp_dir: Path | None = None) -> tuple[Path, Any]:
@@ -346,19 +362,8 @@ def run_search(space: Any, setup: Any, exp_dir: Path, resume: bool = False) -> A
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     # ... which is deliberate: silence Tune's "snapshotting triggered multiple times" warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    exp_dir.mkdir(parents=True, exist_ok=resume)
+    exp_dir.mkdir(parents=True, exist_ok=True)  # experiment_dir decided new/resume/restart
     search = space.search
-    searcher = PrunedAwareOptunaSearch(
-        space=space.define_by_run,
-        metric=OBJECTIVE,
-        mode="max",
-        sampler=build_sampler(search),
-        storage=sqlite_storage(exp_dir / "optuna.db"),
-        study_name=exp_dir.name,
-        max_epochs=space.max_epochs,
-        stopped_state=search["stopped_trials"],
-    )
-    scheduler = build_scheduler(space)
     cluster = ray.cluster_resources()
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, setup=setup), trial_resources(space, cluster)
@@ -368,13 +373,23 @@ def run_search(space: Any, setup: Any, exp_dir: Path, resume: bool = False) -> A
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         return tuner.fit()
+    searcher = PrunedAwareOptunaSearch(  # re-uses trials a search stopped at once had asked for
+        space=space.define_by_run,
+        metric=OBJECTIVE,
+        mode="max",
+        sampler=build_sampler(search),
+        storage=sqlite_storage(exp_dir / "optuna.db"),
+        study_name=exp_dir.name,
+        max_epochs=space.max_epochs,
+        stopped_state=search["stopped_trials"],
+    )
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             metric=OBJECTIVE,
             mode="max",
             search_alg=searcher,
-            scheduler=scheduler,
+            scheduler=build_scheduler(space),
             num_samples=search["num_trials"],
             max_concurrent_trials=concurrency(space, cluster),
         ),
