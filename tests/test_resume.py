@@ -79,3 +79,42 @@ def test_killed_search_resumes_without_losing_or_repeating_trials(
     assert len(study.trials) == NUM_TRIALS
     assert all(t.state.name == "COMPLETE" for t in study.trials)
     assert {t.user_attrs["tune_trial_id"] for t in study.trials} == set(trials["trial_id"])
+
+
+def test_search_killed_in_its_first_seconds_starts_again_in_place(
+    tmp_path: Path, kill_session
+) -> None:
+    """Killed before Tune saved any trial state (only the Optuna study exists): the same
+    command starts the search again in the same directory and runs every trial once, with
+    one Optuna trial each (``test_search_options`` checks that trials the study had handed
+    out are re-used)."""
+    space = yaml.safe_load((ROOT / "search_spaces/bce.yaml").read_text())
+    space["asha"] = {"max_epochs": 1, "grace_period": 1, "reduction_factor": 2}
+    space["search"].update(num_trials=3, max_concurrent=1, seed=0)
+    path = tmp_path / "bce.yaml"
+    path.write_text(yaml.safe_dump(space))
+    exp = tmp_path / "exp" / "early"
+    cmd = [sys.executable, "-m", "tuner.search", "--method", "bce", "--space", str(path),
+           "--out", str(tmp_path / "exp"), "--name", "early", "--data-dir",
+           str(tmp_path / "data"), "--no-test"]
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:
+        while not (exp / "optuna.db").is_file():  # the searcher's study: its first file
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the search never created its study"
+            time.sleep(0.05)
+    finally:
+        kill_session(proc)
+    assert not list(exp.glob("experiment_state-*.json"))  # nothing Tune could resume from
+
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "starting it again in place" in again.stdout
+    assert "Tried to resume experiment" not in again.stdout + again.stderr  # Ray's restore
+    trials = pd.read_parquet(exp / "trials.parquet")
+    assert trials["trial_id"].nunique() == 3
+    study = optuna.load_study(study_name="early", storage=f"sqlite:///{exp / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3  # no RUNNING orphan

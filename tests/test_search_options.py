@@ -116,18 +116,28 @@ def test_a_search_stopped_before_its_first_state_starts_again_in_place(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     exp = tmp_path / "out" / "early"
     exp.mkdir(parents=True)
-    (exp / "tuner.pkl").write_bytes(b"")  # what Tune writes first; no experiment_state yet
     args = search.build_parser().parse_args(
         ["--method", "bce", "--space", str(ROOT / "search_spaces/bce.yaml"),
          "--out", str(tmp_path / "out"), "--name", "early"])
+    with pytest.raises(ConfigError, match="holds no resumable search"):  # an empty folder
+        search.experiment_dir(args)
+    sqlite_storage(exp / "optuna.db")  # the searcher's study: the first file a search writes
     assert search.experiment_dir(args) == (exp, False)
-    assert "starting it again in place" in capsys.readouterr().out
+    (exp / "tuner.pkl").write_bytes(b"")  # what Tune writes next
+    (exp / ".validate_storage_marker").write_bytes(b"")
+    assert search.experiment_dir(args) == (exp, False)
+    assert capsys.readouterr().out.count("starting it again in place") == 2
     args.resume = str(exp)
     assert search.experiment_dir(args) == (exp, False)
     (exp / "experiment_state-2026-12-01_20-04-06.json").write_text("{}")
     assert search.experiment_dir(args) == (exp, True)
     args.resume = None
     assert search.experiment_dir(args) == (exp, True)
+    (tmp_path / "out" / "other").mkdir()
+    (tmp_path / "out" / "other" / "notes.txt").write_text("not a search")
+    args.name = "other"
+    with pytest.raises(ConfigError, match="holds no resumable search"):
+        search.experiment_dir(args)
 
 
 def _efficiency():

@@ -286,19 +286,19 @@ def experiment_dir(args: argparse.Namespace) -> tuple[Path, bool]:
 
     if args.resume:
         exp_dir = Path(args.resume).resolve()
+        if _stopped_at_start(exp_dir):
+            return exp_dir, False
         if not tune.Tuner.can_restore(str(exp_dir)):
             raise ConfigError(f"--resume {args.resume}: no Tune experiment state there; pass "
                               f"the experiment directory a search printed (OUT/NAME)")
-        if not _has_trial_state(exp_dir):
-            return exp_dir, False
         print(f"resuming the search in {exp_dir}")
         return exp_dir, True
     name = args.name or f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     exp_dir = Path(args.out).resolve() / name
     if exp_dir.exists():
+        if _stopped_at_start(exp_dir):
+            return exp_dir, False
         if tune.Tuner.can_restore(str(exp_dir)):
-            if not _has_trial_state(exp_dir):
-                return exp_dir, False
             print(f"experiment {exp_dir} exists: resuming it")
             return exp_dir, True
         raise ConfigError(f"experiment {exp_dir} exists and holds no resumable search; "
@@ -306,16 +306,23 @@ def experiment_dir(args: argparse.Namespace) -> tuple[Path, bool]:
     return exp_dir, False
 
 
-def _has_trial_state(exp_dir: Path) -> bool:
-    """Whether Tune saved the experiment's trial state; a search killed in its first seconds
-    leaves only ``tuner.pkl`` (and maybe its Optuna study), which Tune cannot resume from:
-    it is started again in place, and the searcher re-uses the Optuna trials it had asked
-    for (``PrunedAwareOptunaSearch``)."""
-    if any(exp_dir.glob("experiment_state-*.json")):
-        return True
+#: what a search writes before Tune saves its first trial state
+_FIRST_FILES = {"optuna.db", "optuna.db-journal", "tuner.pkl", ".validate_storage_marker"}
+
+
+def _stopped_at_start(exp_dir: Path) -> bool:
+    """Whether ``exp_dir`` is a search stopped in its first seconds, before Tune saved any
+    trial state (``experiment_state-*.json``): it holds only its Optuna study and maybe
+    ``tuner.pkl``, which Tune cannot resume from. Such a search starts again in place, and
+    its searcher re-uses the Optuna trials it had asked for (``PrunedAwareOptunaSearch``)."""
+    if not exp_dir.is_dir() or any(exp_dir.glob("experiment_state-*.json")):
+        return False
+    names = {p.name for p in exp_dir.iterdir()}
+    if not names or not names <= _FIRST_FILES:
+        return False
     print(f"experiment {exp_dir} was stopped before Tune saved any trial state: "
           f"starting it again in place")
-    return False
+    return True
 
 
 def prepare_data(space: Any, exp_dir: Path | None = None) -> tuple[Path, Any]:
