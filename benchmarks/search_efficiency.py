@@ -24,8 +24,9 @@ reuses the random runs. Also printed: the rank fidelity of a rung at each epoch 
 correlation, over the random runs' trials, of the val mAP at that epoch with the trial's best),
 each run's Optuna states, and ASHA alone replayed on the random runs' full curves in 500
 shuffled trial orders for several grace periods and reduction factors (:func:`asha_replay`:
-the scheduler's part of the efficiency, without TPE, at no extra compute). About 65 minutes for the command above on the 2-core CPU
-machine (18 searches), 20 more for ``--grace-period 3``.
+the scheduler's part of the efficiency, without TPE, at no extra compute). About 65 minutes
+for the command above on the 2-core CPU machine (18 searches), 20 more for
+``--grace-period 3``.
 """
 
 from __future__ import annotations

@@ -331,7 +331,7 @@ def plan_epochs(
     counts = [pq.read_metadata(f).num_rows for f in files]
     rows_per_task = rows_per_task or rows_per_task_for(image_size)
     tasks = min(len(files), max(1, -(-sum(counts) // max(1, rows_per_task))))
-    shared = np.random.default_rng(seed) if seed is None else None
+    shared = np.random.default_rng() if seed is None else None  # unseeded: one generator
     items = []
     for epoch in epochs:
         rng = shared if shared is not None else np.random.default_rng([seed, int(epoch)])
