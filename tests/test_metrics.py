@@ -1,4 +1,9 @@
-"""The evaluator against scikit-learn on small random data, ties and empty classes included."""
+"""The evaluator against scikit-learn on small random data, ties and empty classes included.
+
+AP itself is scikit-learn's; these tests pin the platform's conventions around it (classes
+without a positive skipped, percent, groups, logits vs probabilities) and check the convention
+on hand-computed values that do not come from scikit-learn.
+"""
 
 from __future__ import annotations
 
@@ -54,6 +59,18 @@ def test_average_precision_with_heavy_ties() -> None:
     assert_allclose(average_precision(constant, targets), targets.mean())
 
 
+def test_average_precision_by_hand_with_a_tie() -> None:
+    # 3 positives; thresholds 0.9 | 0.8 (three tied rows, two positive: one threshold) | 0.1:
+    # recall steps 1/3 at precision 1, 2/3 at precision 3/4, 0 at 3/5
+    scores = np.array([0.9, 0.8, 0.8, 0.8, 0.1])
+    targets = np.array([1, 1, 0, 1, 0])
+    expected = 1 / 3 + 2 / 3 * 3 / 4
+    assert average_precision(scores, targets) == pytest.approx(expected)
+    # any order inside the tie would give another value (1, 11/12 or 29/36)
+    for order_value in (1.0, 1 / 3 + 1 / 3 + 1 / 4, 1 / 3 + 2 / 9 + 1 / 4):
+        assert expected != pytest.approx(order_value)
+
+
 def test_average_precision_edge_cases() -> None:
     targets = np.array([1, 0, 1, 0])
     assert average_precision(np.array([4.0, 1.0, 3.0, 2.0]), targets) == pytest.approx(1.0)
@@ -99,6 +116,18 @@ def test_group_map_is_the_mean_over_the_group(seed: int) -> None:
     assert_allclose(result["mAP_medium"], 100 * expected[[3, 4]].mean())
     assert_allclose(result["mAP_tail"], 100 * expected[[5, 6]].mean())
     assert np.isnan(result["mAP_empty"])
+
+
+def test_map_with_a_single_class_with_positives() -> None:
+    scores = np.array([[3.0, 0.1, 2.0], [1.0, 0.2, 1.0], [2.0, 0.3, 0.0], [0.0, 0.4, 3.0]])
+    targets = np.zeros((4, 3))
+    targets[[0, 2], 0] = 1  # only class 0 has positives: ranks 1 and 2 -> AP 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ap = per_class_ap(scores, targets)
+    assert ap[0] == pytest.approx(1.0) and np.isnan(ap[1:]).all()
+    targets[:, 0] = [0, 1, 0, 1]  # ranks 3 and 4 -> AP (1/3 + 2/4) / 2
+    assert mean_ap(scores, targets)["mAP"] == pytest.approx(100 * (1 / 3 + 1 / 2) / 2)
 
 
 def test_map_without_any_positive_is_nan_without_warning() -> None:

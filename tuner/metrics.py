@@ -1,7 +1,10 @@
 r"""The one evaluator: mAP (total and per class group) and CF1/OF1 at a probability threshold.
 
-Plain NumPy (tensors are accepted and moved to the CPU); no scikit-learn at run time, though
-every function matches its scikit-learn counterpart (see ``tests/test_metrics.py``).
+AP is computed by scikit-learn (``sklearn.metrics.average_precision_score``); F1 is a few
+NumPy sums that match scikit-learn's macro / micro precision and recall (see
+``tests/test_metrics.py``). Tensors are accepted and moved to the CPU. scikit-learn checks
+each class's input, which makes it a few times slower than a fused NumPy loop: milliseconds
+(under a second at 5,000 rows x 80 classes) per evaluation, small next to an epoch.
 
 Conventions, fixed platform-wide:
 
@@ -21,6 +24,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+from sklearn.metrics import average_precision_score
 
 __all__ = ["average_precision", "evaluate", "f1_scores", "mean_ap", "per_class_ap"]
 
@@ -62,7 +66,7 @@ def _percent_mean(values: np.ndarray) -> float:
 
 
 def average_precision(scores: ArrayLike, targets: ArrayLike) -> float:
-    """Average precision of one class, as ``sklearn.metrics.average_precision_score``.
+    """Average precision of one class: ``sklearn.metrics.average_precision_score``.
 
     Args:
         scores: ``(N,)`` real-valued scores, higher meaning more likely positive.
@@ -72,29 +76,28 @@ def average_precision(scores: ArrayLike, targets: ArrayLike) -> float:
         AP in [0, 1]; NaN when ``targets`` has no positive.
     """
     s, t = _check_pair(scores, targets, ndim=1)
-    if not t.any():
-        return float("nan")
-    order = np.argsort(-s, kind="stable")
-    s, t = s[order], t[order]
-    last = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]  # last row of each tie group
-    tp = np.cumsum(t)[last]
-    precision = tp / (last + 1)
-    recall_step = np.diff(np.r_[0.0, tp]) / tp[-1]
-    return float(np.sum(recall_step * precision))
+    return float(per_class_ap(s[:, None], t[:, None])[0])
 
 
 def per_class_ap(scores: ArrayLike, targets: ArrayLike) -> np.ndarray:
-    """AP of every class.
+    """AP of every class, by ``sklearn.metrics.average_precision_score(average=None)``.
 
     Args:
         scores: ``(N, C)`` scores.
         targets: ``(N, C)`` 0/1 ground truth.
 
     Returns:
-        ``(C,)`` AP in [0, 1], NaN for classes without a positive.
+        ``(C,)`` AP in [0, 1], NaN for classes without a positive (scikit-learn is not asked
+        about them: it would warn and return 0).
     """
     s, t = _check_pair(scores, targets, ndim=2)
-    return np.array([average_precision(s[:, c], t[:, c]) for c in range(s.shape[1])])
+    ap = np.full(s.shape[1], np.nan)
+    scored = np.flatnonzero(t.any(0))
+    if scored.size == 1:  # one column is "binary" to scikit-learn, not "multilabel-indicator"
+        ap[scored] = average_precision_score(t[:, scored[0]], s[:, scored[0]])
+    elif scored.size:
+        ap[scored] = average_precision_score(t[:, scored], s[:, scored], average=None)
+    return ap
 
 
 def mean_ap(
