@@ -182,6 +182,32 @@ def test_stale_generator_version_is_rebuilt(digits_dir: Path, tmp_path: Path) ->
     PreparedData(copy).verify()
 
 
+def test_digits_of_the_former_schema_is_rebuilt_another_benchmark_is_left_alone(
+    digits_dir: Path, tmp_path: Path
+) -> None:
+    from tuner.data.manifest import SCHEMA_VERSION
+    from tuner.data.prepared import ensure_prepared
+
+    copy = copy_prepared(digits_dir, tmp_path)
+    manifest = read_json(copy / "manifest.json")
+    manifest["schema_version"] = SCHEMA_VERSION - 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    ensure_prepared("digits-mlt", copy)  # the platform's own cache: rebuilt
+    assert read_json(copy / "manifest.json")["schema_version"] == SCHEMA_VERSION
+    PreparedData(copy).verify()
+    # an old real benchmark passed as --data-dir of a digits-mlt search is never overwritten
+    other = tmp_path / "other"
+    shutil.copytree(digits_dir, other)
+    manifest = {**read_json(other / "manifest.json"), "benchmark": "coco-mlt",
+                "schema_version": SCHEMA_VERSION - 1}
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    ensure_prepared("digits-mlt", other)
+    assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
+    with pytest.raises(DataError, match="re-run `python -m tuner.prepare`"):
+        PreparedData(other)
+
+
 def test_checksums_cover_and_match_every_file(digits_dir: Path) -> None:
     manifest = read_json(digits_dir / "manifest.json")
     shards = [rel for split in SPLITS for rel in manifest["splits"][split]["shards"]]

@@ -11,11 +11,12 @@ shards + manifest as the embedded benchmark through :func:`tuner.data.shards.wri
 so every method and search runs on it unchanged.
 
 Validation split: the released methods select checkpoints on the test set; this platform does
-not. By default a stratified half of the test pool (iterative multi-label stratification,
-:mod:`tuner.data.stratify`) is the validation split and the other half is the reported test
-split (tail classes have too few training images to hold any out); ``val_from_train=F`` holds
-out a stratified share F of the training pool instead. The split is deterministic for a seed
-and recorded in the manifest (``build.validation`` and the ``split`` column of the labels).
+not. By default a stratified half of the test pool (iterative multi-label stratification by
+the ``iterative-stratification`` package, :mod:`tuner.data.stratify`) is the validation split
+and the other half is the reported test split (tail classes have too few training images to
+hold any out); ``val_from_train=F`` holds out a stratified share F of the training pool
+instead. The split is deterministic for a seed and recorded in the manifest
+(``build.validation`` and the ``split`` column of the labels).
 
 Official label views are stored as the label views a search asks for by name, seed 0:
 
@@ -62,6 +63,7 @@ from tuner.data.prepared import observed_groups
 from tuner.data.resize import PartStore, ResizeSpec, collect_failures, encode_chunks, plan_chunks
 from tuner.data.safe_pickle import load_npy, load_pickle
 from tuner.data.shards import SplitSource, labels_table, table_labels, write_benchmark
+from tuner.data.stratify import METHOD as STRATIFY_METHOD
 from tuner.data.stratify import stratified_holdout
 from tuner.errors import ConfigError, DataError
 
@@ -376,7 +378,10 @@ def prepare_real(benchmark: str, out: str | Path, options: Options) -> dict[str,
     out = Path(out)
     request = {"benchmark": benchmark, **options.request()}
     if (out / "manifest.json").is_file():
-        manifest = read_manifest(out)
+        try:
+            manifest = read_manifest(out)
+        except DataError:  # another schema version: not up to date (replaced with --overwrite)
+            manifest = {}
         if manifest.get("build", {}).get("request") == request:
             return manifest  # up to date
     if out.exists() and any(out.iterdir()) and not options.overwrite:
@@ -447,7 +452,7 @@ def _cut_validation(
     splits["val"] = pools[source].subset(held)
     splits[source] = pools[source].subset(~held)
     info = {"source": source, "fraction": fraction, "seed": options.seed,
-            "method": "iterative multi-label stratification (Sechidis et al. 2011)",
+            "method": STRATIFY_METHOD,
             "num_val": len(splits["val"])}
     return splits, info
 

@@ -27,7 +27,10 @@ import numpy as np
 
 from tuner.errors import ChecksumError, DataError
 
-SCHEMA_VERSION = 1
+#: 2: real benchmarks' validation split is cut by the iterative-stratification package (a
+#: directory of version 1 holds the split of the former hand-written stratifier)
+SCHEMA_VERSION = 2
+_CHANGED = {2: "validation splits now come from the iterative-stratification package"}
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 GROUPS = ("head", "medium", "tail")
@@ -68,9 +71,10 @@ def read_manifest(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise DataError(f"{path} is not a readable JSON manifest ({exc}); re-run prepare") from exc
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if version != SCHEMA_VERSION:
+        why = f" ({_CHANGED[SCHEMA_VERSION]})" if version == SCHEMA_VERSION - 1 else ""
         raise DataError(
-            f"{path} has schema_version={version!r}, this tuner reads {SCHEMA_VERSION}; "
-            f"re-run `python -m tuner.prepare` into a new directory"
+            f"{path} has schema_version={version!r}, this tuner reads {SCHEMA_VERSION}{why}; "
+            f"re-run `python -m tuner.prepare` into a new directory (or this one with --overwrite)"
         )
     return manifest
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,8 @@ from tuner.data.corruption import ViewSpec, make_view
 from tuner.data.digits import VERSION as DIGITS_VERSION
 from tuner.data.digits import DigitsConfig, build_digits_mlt
 from tuner.data.manifest import (
+    MANIFEST,
+    SCHEMA_VERSION,
     SPLITS,
     class_groups,
     locked,
@@ -79,15 +82,21 @@ def ensure_prepared(benchmark: str, data_dir: str | Path | None, seed: int = 0) 
 
 
 def _stale_embedded(benchmark: str, path: Path) -> bool:
+    """A DigitsMLT directory of another generator or schema version (rebuilt in place).
+
+    Only a manifest that says it is DigitsMLT counts: anything else (another benchmark, an
+    unreadable manifest) is left alone and refused with its reason when it is read.
+    """
     if benchmark != "digits-mlt":
         return False
     try:
-        manifest = read_manifest(path)
-    except DataError:
-        return True
-    return manifest.get("benchmark") == "digits-mlt" and (
-        manifest.get("build", {}).get("version", 1) != DIGITS_VERSION
-    )
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or manifest.get("benchmark") != "digits-mlt":
+        return False
+    return (manifest.get("schema_version") != SCHEMA_VERSION
+            or manifest.get("build", {}).get("version", 1) != DIGITS_VERSION)
 
 
 def _mkdir(path: Path) -> Path:
