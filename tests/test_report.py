@@ -97,6 +97,7 @@ def test_report_has_every_figure_and_the_dashboard_command(experiment: Path) -> 
         assert width > 300 and height > 150 and png.stat().st_size > 10_000, name
         assert f'src="figures/{name}.png"' in page
     assert f"optuna-dashboard sqlite:///{experiment / 'optuna.db'}" in page
+    assert f"python -m tuner.dashboard {experiment}" in page
 
 
 @pytest.mark.integration

@@ -15,7 +15,8 @@ trial's checkpoint) and writes, inside the experiment directory::
 Costs are *reserved* resources times wall time, per trial: GPU-hours = ``gpus_per_trial`` x
 Tune's ``time_total_s``; CPU-hours = (``cpus_per_trial`` + ``data_cpus``) x ``time_total_s``
 (the trial's training CPUs and the cap of its Ray Data pipeline). The driver's test scoring
-is not counted. The Optuna study opens in ``optuna-dashboard sqlite:///EXPERIMENT_DIR/optuna.db``.
+is not counted. The Optuna study opens in optuna-dashboard with
+``python -m tuner.dashboard EXPERIMENT_DIR`` (or ``optuna-dashboard sqlite:///EXPERIMENT_DIR/optuna.db``).
 """
 
 from __future__ import annotations
@@ -476,7 +477,8 @@ def render_html(exp: Experiment, parts: Mapping[str, Any]) -> str:
 <p>method <b>{e(exp.space.method)}</b>, label view <b>{e(str(exp.search.get('view')))}</b>,
 {int(totals['trials'])} trials, {exp.space.max_epochs} epochs budget, ASHA
 {e(json.dumps(exp.space.asha))}, Ray {e(str(exp.search.get('ray')))}.
-Optuna study: <code>optuna-dashboard {e(exp.study_url)}</code></p>
+Optuna study: <code>python -m tuner.dashboard {e(str(exp.path))}</code>
+(or <code>optuna-dashboard {e(exp.study_url)}</code>)</p>
 <h2>Leaderboard</h2><p>Validation metrics at each trial's best epoch; the test split is
 scored once, for the selected (best validation) trial.</p>
 {html_table(parts['leaderboard'], LEADER_COLUMNS, cls='leaderboard')}
