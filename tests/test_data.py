@@ -170,12 +170,13 @@ def test_observed_groups_are_never_empty(digits_dir: Path, tmp_path: Path, spec:
 
 
 def test_stale_generator_version_is_rebuilt(digits_dir: Path, tmp_path: Path) -> None:
+    from tuner.data.manifest import write_manifest
     from tuner.data.prepared import ensure_prepared
 
     copy = copy_prepared(digits_dir, tmp_path)
     manifest = read_json(copy / "manifest.json")
-    manifest["build"]["version"] = 1
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    manifest["build"]["version"] = 1  # what an older generator wrote (with its own checksum)
+    write_manifest(copy, manifest)
     ensure_prepared("digits-mlt", copy)
     assert read_json(copy / "manifest.json")["build"]["version"] == read_json(
         digits_dir / "manifest.json")["build"]["version"]
