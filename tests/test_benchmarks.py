@@ -137,6 +137,13 @@ def test_rerun_is_up_to_date_and_val_from_train(dbl_fixture: dict, tmp_path: Pat
     assert prepare(*args) == 2  # a different request into a full directory needs --overwrite
     assert prepare(*args, "--overwrite") == 0
     assert PreparedData(out).manifest["build"]["validation"]["source"] == "test"
+    # issue 20: --overwrite never deletes a file the platform did not write; refused before
+    # any encoding, the benchmark and the user's file are left as they were
+    (out / "labels" / "my-split.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert prepare(*args, "--val-from-train", "0.2", "--overwrite") == 2
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / ".out.parts").exists() and not (tmp_path / ".out.staging").exists()
 
 
 # ---------------------------------------------------------------- COCO format

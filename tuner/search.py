@@ -13,7 +13,9 @@ split) and ``search.json`` (what was run).
 Multi-worker trials (``--workers-per-trial N``) run a Ray Train ``TorchTrainer`` inside each
 trial (see :mod:`tuner.trainable`). A crashed or interrupted search continues with
 ``--resume OUT/NAME`` (or the same command and ``--name`` again): finished trials are kept,
-unfinished ones resume from their checkpoints and the Optuna study continues.
+unfinished ones resume from their checkpoints and the Optuna study continues. Only the same
+method, space and budget continue an experiment, and a finished one is not run again
+(:mod:`tuner.experiment`).
 """
 
 from __future__ import annotations

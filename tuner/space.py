@@ -19,7 +19,8 @@ Anything else is a constant. Ordered / conditional constraints: a bound may name
 defined earlier in ``train`` or ``params`` (or ``max_epochs``), e.g. ``alpha_end: {uniform:
 [alpha_start, 1.0]}``; a ``choice`` may carry ``below: NAME_OR_NUMBER`` to keep only smaller
 options, e.g. SPLC's ``change_epoch: {choice: [0, 1, 2, 3, 5], below: max_epochs}``.
-Sampling is define-by-run in file order, so such constraints always hold.
+Sampling is define-by-run in file order, so such constraints always hold. An empty file, or
+a space without any domain and more than one trial (identical trials), is refused.
 """
 
 from __future__ import annotations

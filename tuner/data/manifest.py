@@ -90,7 +90,7 @@ def read_manifest(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     if version != SCHEMA_VERSION:
         raise DataError(
             f"{path} has schema_version={version!r}, this tuner reads {SCHEMA_VERSION}; "
-            f"re-run `python -m tuner.prepare` into a new directory"
+            f"re-run `python -m tuner.prepare` into a new directory (or with --overwrite)"
         )
     stored, actual = manifest.get(SELF_SUM), manifest_digest(manifest)
     if stored != actual:
