@@ -117,7 +117,8 @@ def test_an_interrupted_write_is_the_platforms_and_staging_keeps_foreign_files(
     with pytest.raises(DataError, match="no manifest.json"):  # no marker: not provably ours
         check_removable(half)
     (half / WRITING).touch()
-    assert check_removable(half) == [WRITING, "images/train-00000.parquet"]
+    (half / "manifest.tmp4242").write_text("{")  # write_manifest's temporary file
+    assert check_removable(half) == [WRITING, "images/train-00000.parquet", "manifest.tmp4242"]
     (half / "images" / "keep.jpg").write_bytes(b"x")
     with pytest.raises(DataError, match="images/keep.jpg"):
         check_removable(half, owned=True)

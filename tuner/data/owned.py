@@ -23,7 +23,7 @@ from tuner.errors import DataError
 WRITING = ".mlt-tuner-writing"
 #: names the platform writes in a prepared directory (relative POSIX paths)
 _PLATFORM_NAMES = re.compile(
-    r"(manifest\.json(\.tmp\d+)?|\.lock|" + re.escape(WRITING) + r"|"
+    r"(manifest\.(json|tmp\d+)|\.lock|" + re.escape(WRITING) + r"|"
     r"images/(train|val|test)-\d{5}\.parquet|labels/[A-Za-z0-9_.:-]+\.parquet)"
 )
 #: names of the encoded-image parts of a real benchmark (tuner.data.resize)

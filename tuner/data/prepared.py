@@ -74,6 +74,8 @@ def ensure_prepared(benchmark: str, data_dir: str | Path | None, seed: int = 0) 
         return path
     if benchmark not in EMBEDDED:
         raise DataError(_not_prepared(benchmark, path))
+    if path.exists() and not path.is_dir():
+        raise DataError(f"data directory {path} is a file; pass a folder as --data-dir")
     fix = (f"move its files away and run `python -m tuner.prepare --benchmark {benchmark} "
            f"--out {path}`, or pass another --data-dir")
     # the lock lives beside the directory: building replaces the directory's content
