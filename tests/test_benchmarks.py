@@ -139,6 +139,7 @@ def test_a_directory_of_the_former_schema_is_refused_and_replaced_with_overwrite
     manifest = json.loads((out / "manifest.json").read_text())
     assert "iterative-stratification" in manifest["build"]["validation"]["method"]
     manifest["schema_version"] = SCHEMA_VERSION - 1  # a directory of the hand-written stratifier
+    del manifest["manifest_sha256"]  # schema 1 had no checksum of its own
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"schema_version=1, this tuner reads 2 \(validation "
                                         r"splits now come from the iterative-stratification"):
@@ -167,6 +168,13 @@ def test_rerun_is_up_to_date_and_val_from_train(dbl_fixture: dict, tmp_path: Pat
     assert prepare(*args) == 2  # a different request into a full directory needs --overwrite
     assert prepare(*args, "--overwrite") == 0
     assert PreparedData(out).manifest["build"]["validation"]["source"] == "test"
+    # issue 20: --overwrite never deletes a file the platform did not write; refused before
+    # any encoding, the benchmark and the user's file are left as they were
+    (out / "labels" / "my-split.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert prepare(*args, "--val-from-train", "0.2", "--overwrite") == 2
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / ".out.parts").exists() and not (tmp_path / ".out.staging").exists()
 
 
 # ---------------------------------------------------------------- COCO format

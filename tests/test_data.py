@@ -170,12 +170,13 @@ def test_observed_groups_are_never_empty(digits_dir: Path, tmp_path: Path, spec:
 
 
 def test_stale_generator_version_is_rebuilt(digits_dir: Path, tmp_path: Path) -> None:
+    from tuner.data.manifest import write_manifest
     from tuner.data.prepared import ensure_prepared
 
     copy = copy_prepared(digits_dir, tmp_path)
     manifest = read_json(copy / "manifest.json")
-    manifest["build"]["version"] = 1
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    manifest["build"]["version"] = 1  # what an older generator wrote (with its own checksum)
+    write_manifest(copy, manifest)
     ensure_prepared("digits-mlt", copy)
     assert read_json(copy / "manifest.json")["build"]["version"] == read_json(
         digits_dir / "manifest.json")["build"]["version"]
@@ -191,6 +192,7 @@ def test_digits_of_the_former_schema_is_rebuilt_another_benchmark_is_left_alone(
     copy = copy_prepared(digits_dir, tmp_path)
     manifest = read_json(copy / "manifest.json")
     manifest["schema_version"] = SCHEMA_VERSION - 1
+    del manifest["manifest_sha256"]  # schema 1 had no checksum of its own
     (copy / "manifest.json").write_text(json.dumps(manifest))
     ensure_prepared("digits-mlt", copy)  # the platform's own cache: rebuilt
     assert read_json(copy / "manifest.json")["schema_version"] == SCHEMA_VERSION

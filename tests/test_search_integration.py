@@ -73,3 +73,25 @@ def test_asha_stopped_trials_are_pruned_in_optuna(experiment: tuple[Path, int]) 
         else:
             assert t.state.name == "COMPLETE" and steps[-1] == max_epochs
             assert t.value == pytest.approx(max(t.intermediate_values.values()))
+
+
+def test_a_finished_search_is_reported_and_other_settings_refused(
+        experiment: tuple[Path, int], capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 20, case 2: the same command again reports the finished search (nothing re-run,
+    re-scored or rewritten); more trials or another method under its name are refused."""
+    exp, _ = experiment
+    record = json.loads((exp / "experiment.json").read_text())
+    assert record["trials"] == 4 and record["tested"] and record["finished"]
+    files = {p: p.read_bytes() for p in sorted(exp.rglob("*")) if p.is_file()}
+    argv = ["--method", "splc", "--space", str(exp.parents[1] / "splc.yaml"),
+            "--out", str(exp.parent), "--name", "it", "--data-dir", str(exp.parents[1] / "data")]
+    capsys.readouterr()
+    assert search.main(argv) == 0
+    assert f"experiment {exp} is finished (4 trials" in capsys.readouterr().out
+    assert search.main(argv + ["--trials", "6"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "search.num_trials 4 -> 6" in err and "new --name" in err
+    hill = ["--method", "hill", "--space", str(ROOT / "search_spaces/hill.yaml")]
+    assert search.main(hill + argv[4:]) == 2
+    assert 'method "splc" -> "hill"' in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in sorted(exp.rglob("*")) if p.is_file()} == files

@@ -173,4 +173,6 @@ def test_search_cli_bad_label_regime_is_one_line(capsys: pytest.CaptureFixture[s
     assert len(err.splitlines()) == 1 and "--label-regime 'missing:lots'" in err
     assert search.main(["--method", "hill", "--space", hill, "--label-regime", "noisy:0.2"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "data: label regime must be one of" in err and "'noisy'" in err
+    # the command line is named, not the space file (issue 20, case 7)
+    assert len(err.splitlines()) == 1 and "hill.yaml" not in err
+    assert "--label-regime 'noisy:0.2': label regime must be one of" in err and "'noisy'" in err

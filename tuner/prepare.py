@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="also cache a label view, e.g. missing:0.6 or candidate:0.2 (repeatable)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a benchmark the platform prepared in --out (only the files it "
+                        "wrote are deleted; a folder with other files is refused)")
     p.add_argument("--verify", metavar="DIR", help="only check a prepared DIR's checksums")
     real = p.add_argument_group("real benchmarks (see docs/benchmarks.md)")
     real.add_argument("--images", metavar="DIR", help="image root (COCO root, VOC year folder, ...)")

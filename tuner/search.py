@@ -13,7 +13,9 @@ split) and ``search.json`` (what was run).
 Multi-worker trials (``--workers-per-trial N``) run a Ray Train ``TorchTrainer`` inside each
 trial (see :mod:`tuner.trainable`). A crashed or interrupted search continues with
 ``--resume OUT/NAME`` (or the same command and ``--name`` again): finished trials are kept,
-unfinished ones resume from their checkpoints and the Optuna study continues.
+unfinished ones resume from their checkpoints and the Optuna study continues. Only the same
+method, space and budget continue an experiment, and a finished one is not run again
+(:mod:`tuner.experiment`).
 """
 
 from __future__ import annotations
@@ -97,14 +99,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         ("data", "data_dir"): args.data_dir,
     }
     if args.benchmark is not None:
-        table["data", "benchmark"] = args.benchmark
+        table["data", "benchmark"] = _checked_benchmark(args.benchmark)
     if args.label_regime is not None:
-        kind, _, rate = args.label_regime.partition(":")
-        try:
-            table["data", "label_regime"], table["data", "rate"] = kind, float(rate or 0.0)
-        except ValueError:
-            raise ConfigError(f"--label-regime {args.label_regime!r}: the rate must be a number, "
-                              f"e.g. missing:0.6 or candidate:0.3") from None
+        table["data", "label_regime"], table["data", "rate"] = _label_regime(args.label_regime)
     out: dict[str, dict[str, Any]] = {}
     for (section, key), value in table.items():
         if value is not None:
@@ -112,6 +109,29 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     if args.epochs is not None and args.grace_period is None:
         out["asha"]["grace_period"] = max(1, min(args.epochs // 3, args.epochs))
     return out
+
+
+def _checked_benchmark(name: str) -> str:
+    from tuner.data.prepared import known_benchmarks
+
+    if name not in known_benchmarks():
+        raise ConfigError(f"--benchmark {name!r}: unknown benchmark; choose one of "
+                          f"{list(known_benchmarks())} (docs/benchmarks.md)")
+    return name
+
+
+def _label_regime(text: str) -> tuple[str, float]:
+    """``--label-regime KIND[:RATE]``, checked here so that an error names the flag."""
+    from tuner.data.corruption import ViewSpec
+
+    kind, _, rate = text.partition(":")
+    try:
+        spec = ViewSpec(kind, float(rate or 0.0))
+    except ValueError as exc:
+        why = str(exc) if isinstance(exc, ConfigError) else "the rate must be a number"
+        raise ConfigError(f"--label-regime {text!r}: {why}; e.g. clean, missing:0.6 or "
+                          f"candidate:0.3") from None
+    return spec.kind, spec.rate
 
 
 def _int_or_auto(text: str) -> int | str:
@@ -252,6 +272,7 @@ def start_ray(args: argparse.Namespace, space: Any) -> None:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     import methods
+    from tuner import experiment
     from tuner.space import load_space
 
     cls = methods.get_method_class(args.method)
@@ -260,9 +281,12 @@ def _main(argv: Sequence[str] | None) -> int:
     if regime not in cls.regimes:
         print(f"warning: {args.method} is designed for {'/'.join(cls.regimes)} labels; running it "
               f"on {regime} labels as asked", file=sys.stderr)
+    if experiment.check_reuse(args, space):  # another method/space/budget is refused
+        return 0  # finished: reported, nothing re-run or re-scored
     exp_dir, resume = experiment_dir(args)
     data_dir, setup = prepare_data(space, exp_dir)
     start_ray(args, space)
+    experiment.write_record(exp_dir, space)
     results = run_search(space, setup, exp_dir, resume=resume)
     rows = write_outputs(results, space, setup, exp_dir, args, data_dir)
     print(format_leaderboard(rows))
@@ -272,6 +296,7 @@ def _main(argv: Sequence[str] | None) -> int:
             test = score_test(best, setup, space)
             (exp_dir / "test_metrics.json").write_text(json.dumps(test, indent=1))
             print(f"best trial {best.metrics['trial_id']} on test: " + _fmt_metrics(test))
+    experiment.mark_finished(exp_dir, results, space, tested=not args.no_test)
     print(f"experiment directory: {exp_dir}")
     return 0
 
@@ -307,7 +332,8 @@ def experiment_dir(args: argparse.Namespace) -> tuple[Path, bool]:
 
 
 #: what a search writes before Tune saves its first trial state
-_FIRST_FILES = {"optuna.db", "optuna.db-journal", "tuner.pkl", ".validate_storage_marker"}
+_FIRST_FILES = {"experiment.json", "optuna.db", "optuna.db-journal", "tuner.pkl",
+                ".validate_storage_marker"}
 
 
 def _stopped_at_start(exp_dir: Path) -> bool:

@@ -19,7 +19,8 @@ Anything else is a constant. Ordered / conditional constraints: a bound may name
 defined earlier in ``train`` or ``params`` (or ``max_epochs``), e.g. ``alpha_end: {uniform:
 [alpha_start, 1.0]}``; a ``choice`` may carry ``below: NAME_OR_NUMBER`` to keep only smaller
 options, e.g. SPLC's ``change_epoch: {choice: [0, 1, 2, 3, 5], below: max_epochs}``.
-Sampling is define-by-run in file order, so such constraints always hold.
+Sampling is define-by-run in file order, so such constraints always hold. An empty file, or
+a space without any domain and more than one trial (identical trials), is refused.
 """
 
 from __future__ import annotations
@@ -262,6 +263,7 @@ def _check_settings(space: dict[str, dict[str, Any]], problems: list[str]) -> No
         if search[key] not in options:
             problems.append(f"search.{key}: must be one of {'/'.join(options)}, "
                             f"got {search[key]!r}")
+    _check_benchmark(space["data"], problems)
     if space["data"]["class_stats"] not in ("observed", "clean"):
         problems.append(f"data.class_stats: must be observed or clean, "
                         f"got {space['data']['class_stats']!r}")
@@ -270,6 +272,24 @@ def _check_settings(space: dict[str, dict[str, Any]], problems: list[str]) -> No
                  int(space["data"]["seed"]))
     except (TunerError, TypeError, ValueError) as exc:
         problems.append(f"data: {exc}")
+
+
+def _check_something_to_tune(space: dict[str, dict[str, Any]], problems: list[str]) -> None:
+    """Without a domain every trial trains the same configuration: only one is worth running."""
+    trials = space["search"]["num_trials"]
+    domains = [v for sec in ("train", "params") for v in space[sec].values() if isinstance(v, Domain)]
+    if not domains and isinstance(trials, int) and trials > 1:
+        problems.append(f"search.num_trials: {trials} trials of a space without any domain "
+                        f"(uniform/loguniform/randint/choice in train or params) would all be "
+                        f"the same; add a domain, or set num_trials: 1 to train this configuration")
+
+
+def _check_benchmark(data: dict[str, Any], problems: list[str]) -> None:
+    from tuner.data.prepared import known_benchmarks
+
+    if data["benchmark"] not in known_benchmarks():
+        problems.append(f"data.benchmark: unknown benchmark {data['benchmark']!r}; choose one of "
+                        f"{list(known_benchmarks())} (docs/benchmarks.md)")
 
 
 def load_space(path: str | Path, overrides: Mapping[str, Mapping[str, Any]] | None = None,
@@ -284,6 +304,9 @@ def load_space(path: str | Path, overrides: Mapping[str, Mapping[str, Any]] | No
         raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    if not raw:
+        raise ConfigError(f"{path}: the space file is empty, so there is nothing to tune; start "
+                          f"from search_spaces/{method or 'METHOD'}.yaml")
     for section, values in (overrides or {}).items():
         raw[section] = {**(raw.get(section) or {}), **values}
     return parse_space(raw, str(path), method)
@@ -315,6 +338,7 @@ def parse_space(raw: dict[str, Any], path: str = "<space>", method: str | None =
         except ConfigError as exc:
             problems.append(f"method: {exc}")
     _check_settings(sections, problems)
+    _check_something_to_tune(sections, problems)
     if problems:
         lines = "\n".join(f"  {path}: {p}" for p in problems)
         raise ConfigError(f"{path}: {len(problems)} problem(s) in the search space:\n{lines}")

@@ -59,6 +59,7 @@ from tuner.data.importers import (
     resolve_images,
 )
 from tuner.data.manifest import read_manifest, sha256_file, write_manifest
+from tuner.data.owned import check_removable, remove_parts, remove_prepared
 from tuner.data.prepared import observed_groups
 from tuner.data.resize import PartStore, ResizeSpec, collect_failures, encode_chunks, plan_chunks
 from tuner.data.safe_pickle import load_npy, load_pickle
@@ -380,12 +381,14 @@ def prepare_real(benchmark: str, out: str | Path, options: Options) -> dict[str,
     if (out / "manifest.json").is_file():
         try:
             manifest = read_manifest(out)
-        except DataError:  # another schema version: not up to date (replaced with --overwrite)
-            manifest = {}
+        except DataError:
+            manifest = {}  # an older schema or an edited manifest: prepared again (--overwrite)
         if manifest.get("build", {}).get("request") == request:
             return manifest  # up to date
-    if out.exists() and any(out.iterdir()) and not options.overwrite:
-        raise DataError(f"{out} is not empty; pass --overwrite or choose another --out")
+    if out.exists() and any(out.iterdir()):
+        if not options.overwrite:
+            raise DataError(f"{out} is not empty; pass --overwrite or choose another --out")
+        check_removable(out)  # before hours of encoding: --overwrite replaces only our files
     plan = make_plan(benchmark, options)
     store, failures = _encode(plan, out, options)
     pools = {s: _drop_failed(getattr(plan, s), failures) for s in ("train", "test")}
@@ -402,13 +405,24 @@ def prepare_real(benchmark: str, out: str | Path, options: Options) -> dict[str,
         image_info={"format": "jpeg", "height": options.image_size, "width": options.image_size,
                     "channels": 3, "augment": "flip", "quality": options.quality},
         rows_per_shard=options.rows_per_shard, overwrite=True, progress=options.progress,
+        owned=True,
     )
     _finish_manifest(staging, manifest, plan)
     if out.exists():
-        shutil.rmtree(out)
+        remove_prepared(out)
+        _rmdir_empty(out)  # folders of the user's stay, and so the staging copy beside them
+    if out.exists():
+        raise DataError(f"{out} still holds folders the platform did not write; the new "
+                        f"benchmark is in {staging}: move them away, then rename it to {out}")
     staging.replace(out)
-    shutil.rmtree(_parts_dir(out), ignore_errors=True)
+    remove_parts(_parts_dir(out))
     return manifest
+
+
+def _rmdir_empty(path: Path) -> None:
+    """Remove ``path`` when it is an empty folder (after the platform's files went)."""
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
 
 
 def _parts_dir(out: Path) -> Path:

@@ -8,7 +8,9 @@ Layout of a prepared directory::
     DIR/labels/<view>.parquet         one table per corruption view (training split only)
 
 Every file's SHA-256 is in the manifest; :func:`verify_files` refuses a file whose content
-changed, naming it. A manifest of another schema version is refused with the fix (re-run
+changed, naming it. The manifest carries a SHA-256 of itself (``manifest_sha256``, over its
+canonical JSON without that field), so an edited manifest is refused too. A manifest of
+another schema version (1 had no checksum of its own) is refused with the fix (re-run
 ``python -m tuner.prepare``).
 """
 
@@ -28,9 +30,14 @@ import numpy as np
 from tuner.errors import ChecksumError, DataError
 
 #: 2: real benchmarks' validation split is cut by the iterative-stratification package (a
-#: directory of version 1 holds the split of the former hand-written stratifier)
+#: directory of version 1 holds the split of the former hand-written stratifier), and the
+#: manifest carries its own checksum (SELF_SUM)
 SCHEMA_VERSION = 2
-_CHANGED = {2: "validation splits now come from the iterative-stratification package"}
+_CHANGED = {
+    2: "validation splits now come from the iterative-stratification package, and the "
+    "manifest carries its own checksum"
+}
+SELF_SUM = "manifest_sha256"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 GROUPS = ("head", "medium", "tail")
@@ -57,8 +64,15 @@ def class_groups(
     }
 
 
-def read_manifest(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load and check ``DIR/manifest.json``; a clear :class:`DataError` when absent or foreign."""
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """SHA-256 of the manifest's canonical JSON (sorted keys, no spaces) without ``SELF_SUM``."""
+    body = {k: v for k, v in manifest.items() if k != SELF_SUM}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def load_manifest_json(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """``DIR/manifest.json`` as a dict, unchecked; a :class:`DataError` when absent or not JSON."""
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise DataError(
@@ -67,23 +81,40 @@ def read_manifest(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
         )
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path} is not a readable JSON manifest ({exc}); re-run prepare") from exc
-    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path} is not a manifest (a JSON object); re-run prepare")
+    return manifest
+
+
+def read_manifest(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load and check ``DIR/manifest.json``; a clear :class:`DataError` when absent, foreign or
+    edited (its ``manifest_sha256`` does not match its content)."""
+    path = Path(data_dir) / MANIFEST
+    manifest = load_manifest_json(data_dir)
+    version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         why = f" ({_CHANGED[SCHEMA_VERSION]})" if version == SCHEMA_VERSION - 1 else ""
         raise DataError(
             f"{path} has schema_version={version!r}, this tuner reads {SCHEMA_VERSION}{why}; "
             f"re-run `python -m tuner.prepare` into a new directory (or this one with --overwrite)"
         )
+    stored, actual = manifest.get(SELF_SUM), manifest_digest(manifest)
+    if stored != actual:
+        raise ChecksumError(
+            f"{path} was changed after it was written ({SELF_SUM} {str(stored)[:12]}... != "
+            f"content {actual[:12]}...); re-run `python -m tuner.prepare` into a new directory"
+        )
     return manifest
 
 
 def write_manifest(data_dir: str | os.PathLike[str], manifest: Mapping[str, Any]) -> None:
-    """Write the manifest atomically (temporary file + rename)."""
+    """Write the manifest with its own checksum, atomically (temporary file + rename)."""
     path = Path(data_dir) / MANIFEST
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    signed = {**manifest, SELF_SUM: manifest_digest(manifest)}
+    tmp.write_text(json.dumps(signed, indent=1, sort_keys=True))
     os.replace(tmp, path)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,6 @@ from tuner.data.digits import VERSION as DIGITS_VERSION
 from tuner.data.digits import DigitsConfig, build_digits_mlt
 from tuner.data.manifest import (
     MANIFEST,
-    SCHEMA_VERSION,
     SPLITS,
     class_groups,
     locked,
@@ -25,6 +25,7 @@ from tuner.data.manifest import (
     verify_files,
     write_manifest,
 )
+from tuner.data.owned import check_removable
 from tuner.data.shards import SplitSource, encode_png, labels_table, table_labels, write_benchmark
 from tuner.errors import ConfigError, DataError
 
@@ -63,40 +64,70 @@ def prepare_digits(out: str | Path, seed: int = 0, rows_per_shard: int = 64, **k
 def ensure_prepared(benchmark: str, data_dir: str | Path | None, seed: int = 0) -> Path:
     """The benchmark's directory, building DigitsMLT there the first time it is needed.
 
-    A cached DigitsMLT built by another generator version is rebuilt (same seed, new
-    version), so a changed generator never mixes with stale shards.
+    The default cache (``data_dir`` None) is the platform's own: DigitsMLT is built there when
+    missing and rebuilt when another generator version or schema wrote it. A directory the
+    user names is used as it is when it holds a prepared benchmark; a missing or empty one is
+    filled with DigitsMLT (said in one line), a stale DigitsMLT rebuilt; any other folder is
+    refused with the ``tuner.prepare`` command that would fill it. Only files the platform
+    wrote are ever deleted (:mod:`tuner.data.owned`).
     """
     path = Path(data_dir) if data_dir else default_data_dir(benchmark, seed)
     if (path / "manifest.json").is_file() and not _stale_embedded(benchmark, path):
         return path
-    if benchmark in EMBEDDED:
-        # the lock lives beside the directory: building replaces the directory's content
-        with locked(_mkdir(path.parent), f".{path.name}.lock"):
-            if not (path / "manifest.json").is_file() or _stale_embedded(benchmark, path):
-                prepare_digits(path, seed=seed, overwrite=True)
-        return path
-    raise DataError(
-        f"benchmark {benchmark!r} is not prepared at {path}; run "
-        f"`python -m tuner.prepare --benchmark {benchmark} --out {path}` first"
-    )
+    if benchmark not in EMBEDDED:
+        raise DataError(_not_prepared(benchmark, path))
+    if path.exists() and not path.is_dir():
+        raise DataError(f"data directory {path} is a file; pass a folder as --data-dir")
+    fix = (f"move its files away and run `python -m tuner.prepare --benchmark {benchmark} "
+           f"--out {path}`, or pass another --data-dir")
+    # the lock lives beside the directory: building replaces the directory's content
+    with locked(_mkdir(path.parent), f".{path.name}.lock"):
+        if not (path / "manifest.json").is_file() or _stale_embedded(benchmark, path):
+            if path.is_dir() and any(path.iterdir()):
+                check_removable(path, owned=data_dir is None, fix=fix)
+            if data_dir:
+                print(f"data: building DigitsMLT (seed {seed}) into {path} (it held no "
+                      f"current prepared benchmark)", file=sys.stderr)
+            prepare_digits(path, seed=seed, overwrite=True, owned=data_dir is None)
+    return path
+
+
+def known_benchmarks() -> tuple[str, ...]:
+    """Every benchmark ``python -m tuner.prepare --benchmark`` accepts."""
+    from tuner.data.benchmarks import REAL
+
+    return EMBEDDED + REAL
+
+
+def _not_prepared(benchmark: str, path: Path) -> str:
+    if benchmark in known_benchmarks():
+        return (f"benchmark {benchmark!r} is not prepared at {path}; run "
+                f"`python -m tuner.prepare --benchmark {benchmark} --out {path}` first")
+    return (f"unknown benchmark {benchmark!r}; choose one of {list(known_benchmarks())} "
+            f"(docs/benchmarks.md)")
 
 
 def _stale_embedded(benchmark: str, path: Path) -> bool:
-    """A DigitsMLT directory of another generator or schema version (rebuilt in place).
+    """A directory to (re)build DigitsMLT into: its manifest is unreadable or edited (then
+    :func:`check_removable` decides whether that may happen), or it is a DigitsMLT of another
+    generator or schema version (rebuilt in place).
 
-    Only a manifest that says it is DigitsMLT counts: anything else (another benchmark, an
-    unreadable manifest) is left alone and refused with its reason when it is read.
+    A readable manifest of another benchmark is never stale: a user's prepared COCO-MLT given
+    as ``--data-dir`` is left alone, whatever its schema, and refused with its reason when read.
     """
     if benchmark != "digits-mlt":
         return False
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
-        return False
+        return True
     if not isinstance(manifest, dict) or manifest.get("benchmark") != "digits-mlt":
         return False
-    return (manifest.get("schema_version") != SCHEMA_VERSION
-            or manifest.get("build", {}).get("version", 1) != DIGITS_VERSION)
+    try:
+        read_manifest(path)  # schema and the manifest's own checksum
+    except DataError:
+        return True
+    return manifest.get("build", {}).get("version", 1) != DIGITS_VERSION
 
 
 def _mkdir(path: Path) -> Path:

@@ -9,7 +9,6 @@ table, so per-sample method state is keyed by image id, never by loader order.
 from __future__ import annotations
 
 import io
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from tuner.data.manifest import (
     sha256_file,
     write_manifest,
 )
+from tuner.data.owned import WRITING, remove_prepared
 from tuner.errors import DataError
 
 IMAGE_SCHEMA = pa.schema(
@@ -105,8 +105,13 @@ def write_benchmark(
     rows_per_shard: int = 64,
     overwrite: bool = False,
     progress: bool = True,
+    owned: bool = False,
 ) -> dict[str, Any]:
-    """Write shards, the true-label table and the manifest; returns the manifest."""
+    """Write shards, the true-label table and the manifest; returns the manifest.
+
+    ``overwrite`` replaces a previous benchmark in ``out_dir``, deleting only the files the
+    platform wrote there (:mod:`tuner.data.owned`; ``owned``: the caller's own staging folder).
+    """
     out = Path(out_dir)
     missing = [s for s in SPLITS if s not in splits]
     if missing:
@@ -114,9 +119,10 @@ def write_benchmark(
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise DataError(f"{out} is not empty; pass --overwrite or choose another --out")
-        shutil.rmtree(out)
-    (out / "images").mkdir(parents=True)
-    (out / "labels").mkdir()
+        remove_prepared(out, owned)  # only what the platform wrote; refuses a directory with more
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "labels").mkdir(exist_ok=True)
+    (out / WRITING).touch()  # this directory is the platform's until its manifest is written
     total = sum(len(s.image_ids) for s in splits.values())
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -152,4 +158,5 @@ def write_benchmark(
     rels = [f for s in SPLITS for f in manifest["splits"][s]["shards"]] + [manifest["labels"]]
     manifest["checksums"] = {rel: sha256_file(out / rel) for rel in rels}
     write_manifest(out, manifest)
+    (out / WRITING).unlink()
     return manifest
