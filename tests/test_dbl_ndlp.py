@@ -370,7 +370,7 @@ def _loop_data(n: int = 40, c: int = 5, s: int = 16):
     images = torch.randint(0, 256, (n, 3, s, s), dtype=torch.uint8, generator=g)
     labels = _candidates(1, n, c)
 
-    def batches(epoch: int, weights=None):
+    def batches(epoch: int, weights=None, **sampling):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(100 + epoch))
         for start in range(0, n, 10):
             idx = order[start : start + 10]
@@ -464,7 +464,7 @@ def test_sampler_uses_clean_labels_only_under_the_oracle_flag(name: str) -> None
     images = torch.randint(0, 256, (len(clean), 3, 16, 16), dtype=torch.uint8)
     seen: list[torch.Tensor | None] = []
 
-    def batches(epoch: int, weights=None):
+    def batches(epoch: int, weights=None, **sampling):
         seen.append(None if weights is None else torch.as_tensor(weights).float())
         yield {"image": images[:16], "index": torch.arange(16)}
 
