@@ -29,6 +29,7 @@ from methods.comic import (
     recall_targets,
     rlc_loss,
     view_rows,
+    view_sample_weights,
 )
 from tuner.backbones import build_model
 
@@ -421,3 +422,40 @@ def test_shipped_space_tunes_the_issue_knobs() -> None:
             "prior_exponent", "rlc_weight", "scale", "tde_alpha", "cls_lr_scale"} <= tuned
     assert isinstance(raw["train"]["lr"], dict)
     assert raw["data"] == {**raw["data"], "label_regime": "missing", "rate": 0.6}
+
+
+# ------------------------------------------------------------------------------ dataset-level views
+def test_dataset_level_sampler_weights_by_hand() -> None:
+    """Counts n = (3, 2). Reversed: class 0 w.p. (1/3)/(1/3 + 1/2) = 0.4, class 1 0.6, then a
+    uniform image of it: P = (0.4/3, 0.4/3 + 0.6/2, 0.6/2, 0.4/3). Balanced: 1/2 each."""
+    y = torch.tensor([[1.0, 0], [1, 1], [0, 1], [1, 0]])
+    w = view_sample_weights(y)
+    head = w["head"] / w["head"].sum()
+    tail = w["tail"] / w["tail"].sum()
+    assert_close(head, torch.tensor([0.4 / 3, 0.4 / 3 + 0.3, 0.3, 0.4 / 3], dtype=torch.float64))
+    assert_close(tail, torch.tensor([0.5 / 3, 0.5 / 3 + 0.25, 0.25, 0.5 / 3], dtype=torch.float64))
+    m, _ = _method()
+    assert set(m.view_weights(0)) == {"head", "tail"}
+    m2, _ = _method(views="batch")
+    assert m2.view_weights(0) is None
+
+
+def test_head_and_tail_branches_train_on_the_dataset_views() -> None:
+    """With the data layer's view rows in the batch, each branch's PFM uses its own view's
+    images and labels (not a resample of the batch)."""
+    m, net = _method(rlc_weight=0.0, attention=False, freeze_trunk=False)
+    y = _labels()
+    gen = torch.Generator().manual_seed(9)
+    imgs = torch.randn(12, 3, 16, 16, generator=gen)
+    batch = {"image": imgs[:4], "target": y[:4], "index": torch.arange(4),
+             "head_image": imgs[4:9], "head_target": y[4:9], "head_index": torch.arange(4, 9),
+             "tail_image": imgs[9:], "tail_target": y[9:12], "tail_index": torch.arange(9, 12)}
+    net.eval()  # BatchNorm in eval: features do not depend on the batch
+    loss = m.training_step(net, batch)["loss"]
+    kw = dict(gamma_pos=0.0, gamma_neg=3.0, clip=0.05, gamma_class_ng=1.2)
+    parts = {}
+    for b, sl in (("balanced", slice(0, 4)), ("head", slice(4, 9)), ("tail", slice(9, 12))):
+        feats = net.branch_features(imgs[sl])[b]
+        parts[b] = pfm_loss(net.logits(b, feats), y[sl], attention_scores(y[sl], m.cooc),
+                            m.pfm_weights, **kw)
+    assert_close(loss, sum(parts.values()) + sum(parts.values()) / 3)
