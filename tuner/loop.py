@@ -74,6 +74,8 @@ class TrainData:
         groups: head / medium / tail class indices for the group mAPs.
         stats_targets: ``(N, C)`` labels for methods' per-image statistics
             (``Method.set_stats_targets``); None = the observed ``train_targets``.
+        val_ignore: ``(M, C)`` bool "ignore" state of validation label entries (VOC07
+            difficult objects), left out of AP and F1; None = none.
     """
 
     train_batches: Callable[[int, np.ndarray | None], Iterable[Mapping[str, Tensor]]]
@@ -83,6 +85,7 @@ class TrainData:
     val_targets: np.ndarray
     groups: Mapping[str, list[int]] = field(default_factory=dict)
     stats_targets: Tensor | None = None
+    val_ignore: np.ndarray | None = None
 
 
 def peak_rss_mb() -> float:
@@ -190,11 +193,13 @@ def evaluate(
     groups: Mapping[str, list[int]],
     cfg: TrainConfig,
     device: torch.device,
+    ignore: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Platform metrics (mAP, group mAPs, CF1/OF1) of ``model`` on one split, plus the
-    method's ``extra_metrics`` (e.g. TailCLIP's softmax mAP, for comparison with a paper)."""
+    method's ``extra_metrics`` (e.g. TailCLIP's softmax mAP, for comparison with a paper).
+    ``ignore``: label entries in the "ignore" state, left out of AP and F1."""
     scores = predict(method, model, images, cfg.eval_batch_size, device, cfg.channels_last)
-    metrics = score_metrics(scores, targets, groups, threshold=cfg.threshold)
+    metrics = score_metrics(scores, targets, groups, threshold=cfg.threshold, ignore=ignore)
     metrics.update(method.extra_metrics(scores, targets, groups))
     return metrics
 
@@ -453,10 +458,12 @@ def _validate(
     device: torch.device,
 ) -> tuple[dict[str, float], str]:
     """Validation metrics of the regular model, or of the EMA model when it scores higher."""
-    val = evaluate(method, model, data.val_images, data.val_targets, data.groups, cfg, device)
+    val = evaluate(method, model, data.val_images, data.val_targets, data.groups, cfg, device,
+                   data.val_ignore)
     if step.ema is None:
         return val, "model"
     ema_val = evaluate(
-        method, step.ema.module, data.val_images, data.val_targets, data.groups, cfg, device
+        method, step.ema.module, data.val_images, data.val_targets, data.groups, cfg, device,
+        data.val_ignore,
     )
     return (ema_val, "ema") if ema_val["mAP"] > val["mAP"] else (val, "model")

@@ -235,6 +235,7 @@ def per_class_table(exp: Experiment, split: str = "test") -> pd.DataFrame:
     method.load_state_dict(state["best"].get("method") or state["method"])
     images, _ = load_split(data.shard_files(split), cfg.image_size)
     _, targets = data.true_labels(split)
+    ignore = data.ignore_mask(split)  # e.g. VOC07 difficult objects, left out of AP
     scores = predict(method, model, images, cfg.eval_batch_size, torch.device("cpu"))
     group_of = {c: g for g, members in setup.groups.items() for c in members}
     return pd.DataFrame({
@@ -243,7 +244,7 @@ def per_class_table(exp: Experiment, split: str = "test") -> pd.DataFrame:
         "group": [group_of.get(c, "") for c in range(data.num_classes)],
         "train_count": data.class_counts(None),
         "observed_count": data.class_counts(view),
-        "ap": 100.0 * per_class_ap(scores, targets),
+        "ap": 100.0 * per_class_ap(scores, targets, ignore),
     })
 
 

@@ -183,6 +183,7 @@ def build_train_data(
         steps_per_epoch=math.ceil(len(observed) / (batch_size * world_size)),
         val_images=val_images,
         val_targets=val_targets,
+        val_ignore=data.ignore_mask("val"),
         groups=setup.groups,
     )
 
@@ -390,5 +391,6 @@ def evaluate_checkpoint(
     model.to(device)
     images, _ = load_split(data.shard_files(split), cfg.image_size)
     _, targets = data.true_labels(split)
-    metrics = evaluate(method, model, images, targets, setup.groups, cfg, device)
+    metrics = evaluate(method, model, images, targets, setup.groups, cfg, device,
+                       ignore=data.ignore_mask(split))
     return {"best_epoch": state["best"]["epoch"], **metrics}
