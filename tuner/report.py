@@ -224,7 +224,8 @@ def per_class_table(exp: Experiment, split: str = "test") -> pd.DataFrame:
     data = PreparedData(exp.search["data_dir"])
     view = exp.space.view()
     setup = TrialSetup(method=exp.space.method, data_dir=str(data.root), view=view,
-                       max_epochs=exp.space.max_epochs, groups=data.groups(),
+                       max_epochs=exp.space.max_epochs,
+                       groups=data.groups(view if exp.space.data["groups"] == "observed" else None),
                        stats_from_clean=exp.space.data["class_stats"] == "clean")
     state = load_state_restricted(trial_checkpoint(exp, str(row["trial_id"])))
     cfg = train_config(config, setup)
