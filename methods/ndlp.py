@@ -185,8 +185,10 @@ class NDLP(Method):
       the counts of the sampler's labels (observed candidates by default); the ramps move
       per epoch and ``Q`` / :math:`\pi` per batch, so both follow it.
 
-    Platform variants (not in the paper; categorical choices of the space): ``pseudo_rule``
-    ``scaled`` / ``share`` (above), ``epoch_draws: images``, ``class_aware: false``.
+    Platform variants (not in the paper): ``pseudo_rule`` ``scaled`` / ``share`` (above;
+    categorical choices of the shipped space, so the search decides). ``epoch_draws: images``
+    and ``class_aware: false`` are settings (budget / sampler ablations), fixed to the
+    release's values in the space.
 
     Several workers: each updates the rows of its own images; ``Q`` is merged with
     ``dist.merge_rows`` at epoch end, and the batch confidence mass of the prior update is
