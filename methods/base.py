@@ -26,7 +26,14 @@ Beyond the loss, a method may (all optional, defaults are no-ops):
 * ``lr_scale(param_name)``: a learning-rate multiplier per parameter of that module (e.g. a
   faster classifier);
 * ``sample_weights(epoch)``: ``(N,)`` non-negative per-image weights; the epoch then draws N
-  images with replacement in proportion to them (class-aware / re-balanced samplers);
+  images (or ``epoch_draws()`` images) with replacement in proportion to them (class-aware /
+  re-balanced samplers);
+* ``epoch_draws()``: the number of weighted draws of an epoch (None = N; e.g. DBL's released
+  class-aware epoch, ``floor(max_c n_c * C / 4)``); the epoch's optimizer steps follow it;
+* ``view_weights(epoch)``: named extra dataset-level samplers, ``{name: (N,) weights}``; every
+  batch then also carries ``<name>_image``, ``<name>_target`` and ``<name>_index``, up to B
+  rows drawn over the whole epoch in proportion to that view's weights (COMIC's reversed
+  and class-balanced views). The data layer fulfils these; it never knows the method;
 * ``self.dist``: a :class:`Dist` set by the loop; with several data-parallel workers it
   all-reduces tensors and merges per-sample tables (each worker sees a shard of the images).
 """
@@ -301,6 +308,18 @@ class Method:
 
     def sample_weights(self, epoch: int) -> Tensor | None:
         """``(N,)`` per-image sampling weights for ``epoch`` (None = each image once)."""
+        return None
+
+    def epoch_draws(self) -> int | None:
+        """Weighted draws per epoch when :meth:`sample_weights` is set (None = N images).
+
+        Asked once, after :meth:`set_stats_targets`; the epoch's step count follows it.
+        """
+        return None
+
+    def view_weights(self, epoch: int) -> Mapping[str, Tensor] | None:
+        """Named dataset-level sampler views for ``epoch``: ``{name: (N,) weights}`` (None =
+        none). Each view draws as many rows as the epoch's main rows, with replacement."""
         return None
 
     # ----------------------------------------------------------------- hooks

@@ -9,31 +9,52 @@ Partial-label, long-tailed multi-label learning with three branches on one backb
 * **Modification** (prior focal modifier, PFM): an asymmetric focal loss whose positive and
   negative probabilities are modified by the observed-label co-occurrence of each image's
   labels and whose terms are weighted by the class prior (:func:`pfm_loss`).
-* **Balance** (head-tail balancer, HTB): a balanced, a head and a tail branch, each with its
-  sampler view of the batch, a cosine classifier, a moving feature mean and TDE-adjusted
-  ("moving") logits; the balanced branch distils the head and tail branches weighted by their
-  learning effect (:func:`htb_loss`) and fuses their features with a trained additive
-  attention.
+* **Balance**: a balanced, a head and a tail branch, each with its sampler (instance,
+  reversed, class-balanced), a cosine classifier, a moving feature mean and TDE-adjusted
+  ("moving") logits; the balanced branch fuses the head and tail features with a trained
+  additive attention. The paper's head-tail balancer loss (:func:`htb_loss`) is off by
+  default, as in the release.
 
-Differences from the released code (``wannature/COMIC``), all deliberate:
+Defaults = the paper as released (bugs fixed): frozen trunk, log-softmax branch features,
+dataset-level samplers, no HTB term, the balanced branch's logits as scores.
 
-* One backbone, three branch heads. Each branch owns a projection ``Linear(D, D)`` (the release's
-  trainable ``fc`` of its frozen ResNet-50 feature model, with its log-softmax by default) and
-  a cosine classifier; the trunk is shared and fine-tuned unless ``freeze_trunk``.
-* Sampler views are views of the streamed batch: the balanced branch sees the batch as is
-  (instance sampling); the head branch a resampling of the batch's rows drawing a class present
-  in the batch with probability proportional to ``n_max / n_c`` (reversed frequency, training
-  counts of the observed labels) and then a uniform row of that class; the tail branch the same
-  with uniform class probabilities (class-balanced). Rows are drawn with replacement, ``B`` per
-  view, from the torch RNG (checkpointed by the loop). One trunk forward serves all three views.
+Differences from the released code (``wannature/COMIC``), each with its reason:
+
+* One backbone, three branch heads (fits the platform's one-model loop and a third of the
+  memory). Each branch owns a projection ``Linear(D, D)`` (the release's trainable ``fc`` of
+  its frozen ResNet-50 feature model, log-softmax by default) and a cosine classifier; the
+  trunk is shared and frozen (``freeze_trunk: true``, the release) or fine-tuned (``false``,
+  a platform variant for an untrained trunk such as DigitsMLT's ``small_cnn``; searched).
+* Samplers (``views``): ``dataset`` (default, the paper's ``utils/dataloader.py``): the
+  balanced branch sees the batch (instance sampling); the head branch B images of a
+  dataset-level reversed sampler (a class with probability :math:`\propto n_{\max}/n_c`,
+  then a uniform image of it) and the tail branch B images of a class-balanced sampler
+  (uniform class), drawn by the data layer over the whole epoch through
+  :meth:`~methods.base.Method.view_weights` (:func:`view_sample_weights`, observed counts;
+  as many draws per view as the epoch has images; a repeated image carries its one
+  augmentation of the epoch, the release augments each draw). One trunk forward serves the
+  batch and both views. ``batch`` (a platform variant, searched): the head / tail views
+  resample the current batch's rows (a class present in the batch drawn as above, then a
+  uniform row of it; torch RNG), so the tail branch never sees a tail image the batch lacks.
+* ``feature_act: relu`` (and ``none``) are platform variants of the release's log-softmax
+  (searched; ReLU trained better on DigitsMLT with a fine-tuned trunk).
+* ``eval_logits: balanced`` (default) scores the balanced branch only, as the release (its
+  untrained attention aside); ``ensemble`` (a platform variant, searched) averages the balanced
+  and the head/tail TDE logits.
 * Each branch's logits are scored against the labels of its own images (the release pairs the
   head logits with the instance labels, the tail logits with the reversed labels and the
   balanced logits with the class-balanced labels).
 * The PFM's ``gamma_neg``, ``gamma_pos``, ``clip`` and class-negative factor come from the
   config (the release's ``create_loss`` hard-codes them).
-* The head-tail balancer is implemented (the release comments its call out); ``htb=False``
-  turns it off. The attention fusion is trained with the balanced branch, or left out entirely
-  with ``attention=False`` (the release evaluates an untrained attention).
+* The head-tail balancer (``htb``, default off: the release comments its call out) follows the
+  released ``HeadTailBalancerLoss`` when on: weights :math:`L_h^\gamma / (L_h^\gamma +
+  L_t^\gamma)` (the branch with the higher PFM loss weighs more) and terms PFM(softmax(z_h)
+  * softmax(z_b)). ``htb_weighting: inverse`` (the better branch teaches more) and
+  ``htb_term: distill`` (BCE to the teachers' sigmoids) are platform variants. The attention
+  fusion is trained with the balanced branch, or left out with ``attention=False`` (the
+  release evaluates an untrained attention, a bug).
+* Reported head/medium/tail groups: the PLT protocol's (observed counts, head >= 100, tail
+  < 20 scaled to the benchmark) through the space's ``data.groups: observed``.
 * Co-occurrence and class priors come from the observed (corrupted) training labels; nothing
   reads the clean labels.
 * Reduction: sums over classes, means over the batch. The RLC term is divided by the number of
@@ -49,7 +70,7 @@ Differences from the released code (``wannature/COMIC``), all deliberate:
   workers' recalls of previous steps only.
 
 Inferred (not in the released code): the co-occurrence matrix has a zero diagonal (counts of
-images with both of two distinct observed labels); the HTB (see :func:`htb_loss`).
+images with both of two distinct observed labels).
 """
 
 from __future__ import annotations
@@ -79,6 +100,7 @@ __all__ = [
     "recall_targets",
     "rlc_loss",
     "view_rows",
+    "view_sample_weights",
 ]
 
 BRANCHES = ("balanced", "head", "tail")
@@ -113,16 +135,27 @@ class COMICParams(MethodParams):
     mean_momentum: float = hp(0.9, 0.0, 1.0, high_open=True,
                               doc="moving feature mean c <- mu c + batch mean")
     feature_act: str = hp("log_softmax", choices=("log_softmax", "relu", "none"),
-                          doc="activation after each branch projection")
+                          doc="activation after each branch projection (release: log_softmax)")
+    views: str = hp("dataset", choices=("dataset", "batch"),
+                    doc="head/tail sampler views: dataset-level reversed / class-balanced "
+                        "samplers (the paper) or resamples of the current batch")
     attention: bool = hp(True, choices=(True, False),
                          doc="train and use the additive attention fusion of the balanced branch")
     attention_mix: float = hp(0.1, 0.0, 1.0, doc="weight of the attention output in the fusion")
-    htb: bool = hp(True, choices=(True, False), doc="head-tail balancer distillation term")
+    htb: bool = hp(False, choices=(False, True),
+                   doc="head-tail balancer term (the paper's L_htb; the release disables it)")
     htb_weight: float = hp(1.0, 0.0, 10.0, doc="weight of the HTB term")
     htb_gamma: float = hp(2.0, 0.0, 10.0, doc="exponent of the HTB learning-effect ratio")
-    eval_logits: str = hp("ensemble", choices=("ensemble", "balanced"),
-                          doc="scores: mean of balanced + head/tail TDE logits, or balanced only")
-    freeze_trunk: bool = hp(False, choices=(False, True),
+    htb_weighting: str = hp("release", choices=("release", "inverse"),
+                            doc="release: each branch's term weighted by its own PFM loss^gamma "
+                                "(HeadTailBalancerLoss); inverse: by the other branch's")
+    htb_term: str = hp("release", choices=("release", "distill"),
+                       doc="release: PFM of softmax(z_teacher) * softmax(z_b) as in "
+                           "HeadTailBalancerLoss; distill: BCE to the teacher's sigmoids")
+    eval_logits: str = hp("balanced", choices=("balanced", "ensemble"),
+                          doc="scores: balanced branch only (the release) or the mean of "
+                              "balanced + head/tail TDE logits")
+    freeze_trunk: bool = hp(True, choices=(True, False),
                             doc="freeze the backbone trunk (release: frozen ResNet-50)")
     cls_lr_scale: float = hp(0.1, 1e-4, 100.0,
                              doc="learning-rate multiplier of the cosine classifiers (lr_cls/lr)")
@@ -235,27 +268,55 @@ def _soft_bce(logits: Tensor, soft: Tensor) -> Tensor:
 
 
 def htb_loss(balanced: Tensor, head: Tensor, tail: Tensor, head_effect: Tensor,
-             tail_effect: Tensor, gamma: float) -> Tensor:
-    r"""Head-tail balancer: distil the head and tail branches into the balanced one.
+             tail_effect: Tensor, gamma: float, *, weighting: str = "release",
+             term: str = "release", pfm: Any = None) -> Tensor:
+    r"""Head-tail balancer: the balanced branch learns from the head and tail branches.
 
-    The teachers' probabilities :math:`\sigma(z_h)`, :math:`\sigma(z_t)` (no gradient) are soft
-    targets of the balanced logits :math:`z_b` (binary cross-entropy, summed over classes,
-    averaged over the batch). The branch that learns better (lower PFM loss :math:`L_h`,
-    :math:`L_t` on the same images) teaches more:
+    Weights from the branches' PFM losses :math:`L_h`, :math:`L_t` on the same images (no
+    gradient). ``weighting="release"`` (the released ``HeadTailBalancerLoss``):
+    :math:`w_h = L_h^\gamma / (L_h^\gamma + L_t^\gamma)`, :math:`w_t = 1 - w_h`, so the
+    branch with the *higher* loss weighs more; ``"inverse"`` (a platform variant, the
+    "better branch teaches more" reading of the paper) swaps them.
 
-    .. math:: L = \frac{L_t^\gamma}{L_h^\gamma + L_t^\gamma} KD(z_b, z_h)
-              + \frac{L_h^\gamma}{L_h^\gamma + L_t^\gamma} KD(z_b, z_t)
-
-    Inferred from the paper's description (the released ``HeadTailBalancerLoss`` is never
-    called; it weights each branch by its own loss to the power gamma and scores products of
-    softmax probabilities with the PFM).
+    Terms, with teachers detached: ``term="release"``: :math:`\mathrm{PFM}(\mathrm{softmax}
+    (z_h) \odot \mathrm{softmax}(z_b))` (the release feeds the product of the softmax
+    probabilities to the PFM as if it were logits; ``pfm`` is that loss as a callable of
+    ``(B, C)`` inputs); ``term="distill"``: binary cross-entropy of :math:`z_b` against
+    :math:`\sigma(z_h)`, summed over classes and averaged over the batch. Then
+    :math:`L = w_h T_h + w_t T_t`.
     """
-    eff_h = head_effect.detach().clamp(min=_EPS)
-    eff_t = tail_effect.detach().clamp(min=_EPS)
-    w_h = eff_t.pow(gamma) / (eff_h.pow(gamma) + eff_t.pow(gamma))
-    kd_h = _soft_bce(balanced, torch.sigmoid(head.detach()))
-    kd_t = _soft_bce(balanced, torch.sigmoid(tail.detach()))
-    return w_h * kd_h + (1 - w_h) * kd_t
+    eff_h = head_effect.detach().clamp(min=_EPS).pow(gamma)
+    eff_t = tail_effect.detach().clamp(min=_EPS).pow(gamma)
+    w_h = eff_h / (eff_h + eff_t)
+    if weighting == "inverse":
+        w_h = 1 - w_h
+    if term == "release":
+        if pfm is None:
+            raise ValueError("htb_loss(term='release') needs the PFM loss callable")
+        prob_b = torch.softmax(balanced, dim=-1)
+        t_h = pfm(torch.softmax(head.detach(), dim=-1) * prob_b)
+        t_t = pfm(torch.softmax(tail.detach(), dim=-1) * prob_b)
+    else:
+        t_h = _soft_bce(balanced, torch.sigmoid(head.detach()))
+        t_t = _soft_bce(balanced, torch.sigmoid(tail.detach()))
+    return w_h * t_h + (1 - w_h) * t_t
+
+
+def view_sample_weights(labels: Tensor) -> dict[str, Tensor]:
+    r"""``(N,)`` image weights of the paper's dataset-level head and tail samplers.
+
+    Both draw a class, then a uniform image of it (``utils/dataloader.py``): ``head``
+    ("reverse") draws class c with probability :math:`\propto n_{\max} / n_c`, ``tail``
+    ("balance") uniformly, so image i is drawn with probability :math:`\propto \sum_c y_{ic}
+    / n_c^2` and :math:`\propto \sum_c y_{ic} / n_c` respectively (``n_c`` = the column sums
+    of ``labels``; classes without an image take no part). All-zero weights fall back to 1.
+    """
+    y = (labels > 0).double()
+    counts = y.sum(dim=0)
+    inv = torch.where(counts > 0, 1.0 / counts.clamp(min=1.0), torch.zeros_like(counts))
+    out = {"head": y @ (inv * inv), "tail": y @ inv}
+    return {k: w if w.sum() > 0 else torch.ones(len(y), dtype=torch.float64)
+            for k, w in out.items()}
 
 
 # ------------------------------------------------------------------------------ sampler views
@@ -418,15 +479,27 @@ class COMIC(Method):
         self.counts = counts
         self.pfm_weights = prior_weights(counts, self.params.prior_exponent)
         clamped = counts.clamp(min=1.0)
-        self.view_weights = {"head": clamped.max() / clamped, "tail": torch.ones_like(counts)}
+        # class-draw weights of the batch-resample views (``views: batch``)
+        self.class_view_weights = {"head": clamped.max() / clamped,
+                                   "tail": torch.ones_like(counts)}
+        self._view_image_weights: dict[str, Tensor] | None = None
         self.cooc = torch.zeros(task.num_classes, task.num_classes)
         self.means: Tensor | None = None  # (3, D), set by configure_model
         self.recalled = torch.zeros(len(BRANCHES), task.num_classes)
 
     # ------------------------------------------------------------------ set-up
     def set_train_targets(self, targets: Tensor) -> None:
-        """Co-occurrence of the observed training labels (for the PFM attention)."""
+        """Co-occurrence of the observed training labels (for the PFM attention) and the
+        image weights of the dataset-level head / tail samplers (``views: dataset``)."""
         self.cooc = cooccurrence(targets)
+        self._view_image_weights = view_sample_weights(targets.cpu())
+
+    def view_weights(self, epoch: int) -> Mapping[str, Tensor] | None:
+        """The paper's reversed (head) and class-balanced (tail) samplers over the whole
+        training set, drawn by the data layer (``views: dataset``); None for ``batch``."""
+        if self.params.views != "dataset" or self._view_image_weights is None:
+            return None
+        return self._view_image_weights
 
     def configure_model(self, model: nn.Module) -> nn.Module:
         net = COMICNet(model, self.task.num_classes, self.params)
@@ -463,22 +536,40 @@ class COMIC(Method):
         return pfm, prm.rlc_weight * rlc, recalled
 
     def training_step(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
-        """Three branches on their views of the batch; returns loss, logits and step statistics."""
+        """Three branches on their views; returns loss, logits and step statistics.
+
+        ``views: dataset`` with the data layer's view rows in the batch (``head_image``,
+        ``head_target``, ...): the head and tail branches train on those images (one trunk
+        forward over the batch and both views). Otherwise (``views: batch``, or a view that
+        ran out of rows on a worker's shard) the view is a resample of the batch's rows.
+        """
         net: COMICNet = model  # type: ignore[assignment]
         prm = self.params
         target = batch["target"]
         n = len(target)
-        feats = net.branch_features(batch["image"])
+        images = [batch["image"]]
+        dataset_views = [b for b in ("head", "tail") if prm.views == "dataset"
+                         and len(batch.get(f"{b}_index", ())) > 0]
+        images += [batch[f"{b}_image"] for b in dataset_views]
+        every = net.branch_features(torch.cat(images) if len(images) > 1 else images[0])
+        feats = {b: f[:n] for b, f in every.items()}
         means = self._means(feats["balanced"])
-        rows = {"balanced": torch.arange(n)}
+        view_feats, view_y = {}, {}
+        start = n
         for b in ("head", "tail"):
-            rows[b] = view_rows(target, self.view_weights[b], n)[0]
-        view_feats = {b: feats[b][rows[b].to(target.device)] for b in ("head", "tail")}
+            if b in dataset_views:
+                m = len(batch[f"{b}_index"])
+                view_feats[b] = every[b][start:start + m]
+                view_y[b] = batch[f"{b}_target"].float()
+                start += m
+            else:
+                rows = view_rows(target, self.class_view_weights[b], n)[0].to(target.device)
+                view_feats[b], view_y[b] = feats[b][rows], target[rows].float()
         view_feats["balanced"] = net.fuse(feats)
+        view_y["balanced"] = target.float()
         pfm, rlc, recalled = {}, {}, []
         for b in BRANCHES:
-            y = target[rows[b].to(target.device)].float()
-            pfm[b], rlc[b], r = self._branch_loss(net, b, view_feats[b], y, means)
+            pfm[b], rlc[b], r = self._branch_loss(net, b, view_feats[b], view_y[b], means)
             recalled.append(r)
         loss_b = pfm["balanced"] + torch.stack(list(pfm.values())).mean() + rlc["balanced"]
         head_t = net.logits("head", feats["head"], means[1]).float()
@@ -494,14 +585,20 @@ class COMIC(Method):
                 "recalled": torch.stack(recalled)}
 
     def _htb(self, balanced: Tensor, head: Tensor, tail: Tensor, target: Tensor) -> Tensor:
+        prm = self.params
+        attn = attention_scores(target, self.cooc.to(head))
+        kw = dict(gamma_pos=prm.gamma_pos, gamma_neg=prm.gamma_neg, clip=prm.clip,
+                  gamma_class_ng=prm.gamma_class_ng)
+        w = self.pfm_weights.to(head)
         with torch.no_grad():
-            attn = attention_scores(target, self.cooc.to(head))
-            kw = dict(gamma_pos=self.params.gamma_pos, gamma_neg=self.params.gamma_neg,
-                      clip=self.params.clip, gamma_class_ng=self.params.gamma_class_ng)
-            w = self.pfm_weights.to(head)
             eff_h = pfm_loss(head, target, attn, w, **kw)
             eff_t = pfm_loss(tail, target, attn, w, **kw)
-        return htb_loss(balanced, head, tail, eff_h, eff_t, self.params.htb_gamma)
+
+        def pfm(inputs: Tensor) -> Tensor:
+            return pfm_loss(inputs, target, attn, w, **kw)
+
+        return htb_loss(balanced, head, tail, eff_h, eff_t, prm.htb_gamma,
+                        weighting=prm.htb_weighting, term=prm.htb_term, pfm=pfm)
 
     def _means(self, like: Tensor) -> Tensor:
         if self.means is None or self.means.shape[1] != like.shape[1]:

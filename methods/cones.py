@@ -59,8 +59,8 @@ class CoNeSParams(MethodParams):
         10.0, 0.0, 1000.0, low_open=True, doc="learning-rate multiplier of the classifier"
     )
     neg_weight_norm: str = hp(
-        "simplex", choices=("simplex", "sum_power"),
-        doc="simplex: textbook closed form; sum_power: the released normaliser",
+        "sum_power", choices=("sum_power", "simplex"),
+        doc="sum_power: the released normaliser (default); simplex: the textbook closed form",
     )
     corr_norm: str = hp(
         "row", choices=("row", "transposed"),
@@ -78,21 +78,23 @@ class CoNeSParams(MethodParams):
 
 # --------------------------------------------------------------------- pure functions
 def negative_weights(
-    logits: Tensor, candidates: Tensor, r: float, norm: str = "simplex"
+    logits: Tensor, candidates: Tensor, r: float, norm: str = "sum_power"
 ) -> Tensor:
     r"""``(B, C)`` closed-form weights :math:`\varphi` of the non-candidates (0 on candidates).
 
     With :math:`\ell_c = -\log(1 - \sigma(z_c))`, :math:`N_i = \{c : s_{ic} = 0\}` and
     :math:`\xi_i = 1 / |N_i|`:
 
+    * ``"sum_power"`` (the released code, the default):
+      :math:`\varphi_c = \xi_i (r \ell_c)^{-1/(r-1)} / (\sum_{c'} (r \ell_{c'})^{-1})^{1/(r-1)}`;
+      then :math:`\sum_{c} \varphi_c^{r-1} = \xi_i^{r-1}`. Equal to ``"simplex"`` at r = 2.
     * ``"simplex"`` (textbook): the solution of
       :math:`\min_{\varphi \ge 0,\ \sum_{c \in N_i} \varphi_c = \xi_i}
       \sum_{c \in N_i} \varphi_c^{r} \ell_c`, i.e.
       :math:`\varphi_c = \xi_i (r \ell_c)^{-1/(r-1)} / \sum_{c'} (r \ell_{c'})^{-1/(r-1)}`;
-      the weights of a row sum to :math:`\xi_i`.
-    * ``"sum_power"`` (the released code):
-      :math:`\varphi_c = \xi_i (r \ell_c)^{-1/(r-1)} / (\sum_{c'} (r \ell_{c'})^{-1})^{1/(r-1)}`;
-      then :math:`\sum_{c} \varphi_c^{r-1} = \xi_i^{r-1}`. Equal to ``"simplex"`` at r = 2.
+      the weights of a row sum to :math:`\xi_i`. At r = 3 the release's weights are larger
+      by :math:`\sum_c \sqrt{a_c} / \sqrt{\sum_c a_c}` (:math:`a_c = 1/(r \ell_c)`), up to
+      :math:`\sqrt{|N_i|}` (equal losses; 3.6x for 13 non-candidates).
 
     Computed in log space (no epsilon; :math:`\ell` is clamped at 1e-30), without gradient.
     Rows without non-candidates are all zero.
@@ -237,8 +239,9 @@ class CoNeS(Method):
 
     Differences from the released code (intended behaviour; see the spec's pitfalls):
 
-    * negative weights: the textbook simplex normaliser by default (``neg_weight_norm=
-      "sum_power"`` is the release's, which differs for r != 2), computed in log space;
+    * negative weights: the release's normaliser (``neg_weight_norm: sum_power``, the
+      default), computed in log space; the textbook simplex form (``simplex``, equal at
+      r = 2, up to :math:`\sqrt{|N_i|}` times smaller at r = 3) is a searchable variant;
     * correlation normalisation: rows of :math:`L` sum to 1 by default (``corr_norm=
       "transposed"`` is the release's broadcast, dividing (i, j) by row j's sum);
     * the CAM weight is the classifier's ``weight`` attribute (the release indexes

@@ -15,9 +15,19 @@ from torch import Tensor
 from methods.base import Batch, Method, MethodParams, TaskInfo, hp
 from methods.registry import register_method
 
-__all__ = ["DBL", "DBLParams", "DBLoss", "class_aware_weights", "db_loss_elementwise"]
+__all__ = [
+    "CLASS_AWARE_REDUCE",
+    "DBL",
+    "DBLParams",
+    "DBLoss",
+    "class_aware_draws",
+    "class_aware_weights",
+    "db_loss_elementwise",
+]
 
 _EPS = 1e-12
+#: the released ``ClassAwareSampler``'s ``reduce``: an epoch is ``max_c n_c * C / 4`` draws
+CLASS_AWARE_REDUCE = 4
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,11 @@ class DBLParams(MethodParams):
     class_aware: bool = hp(
         True, choices=(True, False),
         doc="class-aware sampler (pick a class, then an image of it) over the observed labels",
+    )
+    epoch_draws: str = hp(
+        "release", choices=("release", "images"),
+        doc="class-aware epoch length: release = floor(max_c n_c * C / 4) draws (DBL's "
+            "ClassAwareSampler, reduce 4); images = N draws",
     )
 
 
@@ -107,6 +122,17 @@ def db_loss_elementwise(
     return params.balance_param * focal * w * bce
 
 
+def class_aware_draws(labels: Tensor, reduce: int = CLASS_AWARE_REDUCE) -> int:
+    r"""Draws of one epoch of the released class-aware sampler, :math:`\lfloor \max_c n_c
+    \cdot C / \text{reduce} \rfloor` (at least 1), from ``(N, C)`` labels.
+
+    COCO-MLT: 1128 x 80 / 4 = 22,560; VOC-MLT: 775 x 20 / 4 = 3,875 (against 1,909 and
+    1,142 images).
+    """
+    counts = (labels > 0).sum(dim=0)
+    return max(1, int(counts.max().item()) * labels.shape[1] // reduce)
+
+
 def class_aware_weights(labels: Tensor) -> Tensor:
     r"""``(N,)`` per-image weights of DBL's class-aware sampler, :math:`\sum_c y_{ic} / n_c`.
 
@@ -135,6 +161,13 @@ class DBL(Method):
     sampler weights (:func:`class_aware_weights`) use the observed per-image labels too (the
     clean ones under ``data.class_stats: clean``, through ``set_stats_targets``).
 
+    Epoch length: with the sampler on, an epoch is the released ``ClassAwareSampler``'s
+    :math:`\lfloor \max_c n_c \cdot C / 4 \rfloor` draws (``epoch_draws: release``, the
+    default; :func:`class_aware_draws`, counts of the sampler's labels): 3,875 draws on
+    VOC-MLT and 22,560 on COCO-MLT, i.e. 3.4x and 11.8x the images, so "10 epochs" means the
+    release's number of steps, and the LR schedule (defined on steps) follows it.
+    ``epoch_draws: images`` draws N images per epoch (this platform's earlier default).
+
     Reduction: sum over classes, mean over the batch (the released loss averages over all
     ``B x C`` elements, i.e. it is ``C`` times smaller). The prior bias is added inside the
     loss only, as in the release; predictions are the raw logits (a per-class shift does not
@@ -149,6 +182,7 @@ class DBL(Method):
         super().__init__(params, task)
         self.db = DBLoss(task.counts_tensor(), task.num_train, params)
         self._sample_weights: Tensor | None = None
+        self._draws: int | None = None
 
     def set_train_targets(self, targets: Tensor) -> None:
         self.set_stats_targets(targets)
@@ -156,9 +190,14 @@ class DBL(Method):
     def set_stats_targets(self, targets: Tensor) -> None:
         """Class-aware sampler weights from the statistics labels (observed by default)."""
         self._sample_weights = class_aware_weights(targets) if self.params.class_aware else None
+        release = self.params.class_aware and self.params.epoch_draws == "release"
+        self._draws = class_aware_draws(targets) if release else None
 
     def sample_weights(self, epoch: int) -> Tensor | None:
         return self._sample_weights
+
+    def epoch_draws(self) -> int | None:
+        return self._draws
 
     def loss(self, logits: Tensor, batch: Batch) -> Tensor:
         """Scalar loss from ``(B, C)`` logits and the ``(B, C)`` 0/1 ``batch["target"]``."""

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from methods.base import Batch, Method, TaskInfo, hp
-from methods.dbl import DBLoss, DBLParams, class_aware_weights
+from methods.dbl import DBLoss, DBLParams, class_aware_draws, class_aware_weights
 from methods.registry import register_method
 
 __all__ = ["NDLP", "NDLPParams", "PSEUDO_RULES", "ramp", "sharpen"]
@@ -110,7 +110,18 @@ class NDLP(Method):
        \mathrm{normalise}(\pi / (\varepsilon + 10^{-8}))` with :math:`\varepsilon` the batch
        share of confidence mass per class.
 
-    Dense multi-label images (``pseudo_rule``; the default ``paper`` is the above).
+    Epoch 0, as the release: ``Q`` starts uniform over each image's candidates, so
+    :math:`\tilde q_{ic} = 1/|s_i|` and :math:`\phi_c` is the mean of :math:`1/|s_j|` over
+    the images with candidate c; with the strict comparison an image gets pseudo-positives
+    only where its candidate set is smaller than that class's "average" one, and an image
+    with more candidates than every class's threshold allows gets none (on a VOC-like table
+    about half of the images in the first batches) and is trained as all-negative in
+    :math:`L_{pseu}` until its row sharpens. The released ``main/train.py`` and
+    ``PML_Confidence`` do exactly this (uniform ``Q``, ``ce_label > Threshold_phi``, no
+    warm-up, no mixup at epoch 0); it is kept as the default ``pseudo_rule: paper``.
+
+    Dense multi-label images (``pseudo_rule``; the default ``paper`` is the above; the
+    shipped space searches ``{paper, share, scaled}`` so the leaderboard shows which won).
     :math:`\phi_c` is about the mean of :math:`1/|s_i|`; on VOC (2 true labels among ~7.4
     candidates) a true label's sharpened confidence clears it, but on an image with many
     true labels the softmax spreads the confidence, every :math:`\tilde q_{ic}` falls under
@@ -154,8 +165,10 @@ class NDLP(Method):
     space's setting), drops no candidate within 8 epochs, i.e. the pseudo-labels are the
     candidates; the scaled mixup targets are then worth +7.6 over the softmax-normalised
     ones (44.8), and no mixup at all gives exactly DBL on the candidates (52.8). So on dense
-    images NDLP's disambiguation has not helped yet; ``share_min`` is the knob that trades
-    recall for precision on a benchmark where it does.
+    images NDLP's disambiguation has not helped yet, and ``share`` at 0.5 is DBL on the
+    candidates plus mixup, not the paper's algorithm: it is a searchable variant, never the
+    default. ``share_min`` is the knob that trades recall for precision where it helps.
+    (These measurements predate the release's class-aware epoch length, ``epoch_draws``.)
 
     Differences from the released code (all intended behaviour, see the spec's pitfalls):
 
@@ -166,7 +179,16 @@ class NDLP(Method):
       (the release reads the clean ones; ``data.class_stats: clean`` gives both the loss
       counts and the sampler the clean labels, as an explicit oracle setting);
     * losses are summed over classes and averaged over the batch (the release averages over
-      ``B x C``); validation runs every epoch.
+      ``B x C``); validation runs every epoch;
+    * the epoch is the release's class-aware epoch (``epoch_draws: release``,
+      :math:`\lfloor \max_c n_c C / 4 \rfloor` draws, see :class:`~methods.dbl.DBL`), with
+      the counts of the sampler's labels (observed candidates by default); the ramps move
+      per epoch and ``Q`` / :math:`\pi` per batch, so both follow it.
+
+    Platform variants (not in the paper): ``pseudo_rule`` ``scaled`` / ``share`` (above;
+    categorical choices of the shipped space, so the search decides). ``epoch_draws: images``
+    and ``class_aware: false`` are settings (budget / sampler ablations), fixed to the
+    release's values in the space.
 
     Several workers: each updates the rows of its own images; ``Q`` is merged with
     ``dist.merge_rows`` at epoch end, and the batch confidence mass of the prior update is
@@ -189,6 +211,7 @@ class NDLP(Method):
         self.prior = torch.full((c,), 1.0 / c)
         self.touched = torch.zeros(task.num_train, dtype=torch.bool)
         self._sample_weights: Tensor | None = None
+        self._draws: int | None = None
 
     # ----------------------------------------------------------------- set-up
     def set_train_targets(self, targets: Tensor) -> None:
@@ -204,9 +227,14 @@ class NDLP(Method):
         under ``data.class_stats: clean`` (the released code's oracle)."""
         s = (targets > 0).float().cpu()
         self._sample_weights = class_aware_weights(s) if self.params.class_aware else None
+        release = self.params.class_aware and self.params.epoch_draws == "release"
+        self._draws = class_aware_draws(s) if release else None
 
     def sample_weights(self, epoch: int) -> Tensor | None:
         return self._sample_weights
+
+    def epoch_draws(self) -> int | None:
+        return self._draws
 
     # ----------------------------------------------------------------- ramps
     def eta_t(self, epoch: int) -> float:
@@ -220,9 +248,12 @@ class NDLP(Method):
 
     # ----------------------------------------------------------------- per batch
     def thresholds(self) -> Tensor:
-        """``(C,)`` mean confidence over each class's candidates (1 for a class without)."""
-        mass = (self.confidence * self.candidates).sum(dim=0)
-        count = self.candidates.sum(dim=0)
+        r"""``(C,)`` :math:`\phi_c`: mean of the non-zero entries of column c of the whole table
+        (the release's ``Q.sum(0) / (Q != 0).sum(0)``; the non-zero entries are the
+        candidates unless a softmax underflowed); 1 for a class without any."""
+        conf = self.confidence * self.candidates
+        mass = conf.sum(dim=0)
+        count = (conf != 0).sum(dim=0).float()
         return torch.where(count > 0, mass / count.clamp(min=1.0), torch.ones_like(mass))
 
     def scaled_thresholds(self) -> Tensor:

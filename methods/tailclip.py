@@ -53,7 +53,15 @@ _MAX_EPS = 1e-6  # smallest accepted maximum of the max-normalisation
 
 @dataclass(frozen=True)
 class TailCLIPParams(MethodParams):
-    """Hyperparameters of :class:`TailCLIP` (defaults: the TailCLIP VOC config, tiny CPU CLIP).
+    """Hyperparameters of :class:`TailCLIP` (defaults: the TailCLIP VOC config, tiny CPU CLIP,
+    label-derived captions).
+
+    Differences of the defaults from the TailCLIP VOC config, each with its reason: captions
+    are label-derived (``captions: labels``, the LM-CLIP configs' choice) because the TailCLIP
+    configs' machine-generated LMPT captions exist only as a file of COCO-MLT / VOC-MLT
+    (``captions: file`` with ``caption_file``, e.g. a prepared benchmark's
+    ``labels/captions.parquet``, gives the paper's setting there); the architecture is the
+    tiny CPU CLIP (the paper's RN50 / ViT-B/16 need weights files).
 
     ``sample_power`` None ties the sampler's power to ``class_power`` (the release uses one
     ``s`` for both). Use ``clip_arch`` RN50 / ViT-B-16 with ``clip_weights`` (OpenAI's files,

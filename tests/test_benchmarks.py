@@ -268,6 +268,43 @@ def test_voc_format_import(tmp_path: Path, difficult: str) -> None:
     assert data.manifest["views"]["candidate-rho0.2-s0"]["labels_per_image"] > 0
 
 
+def test_voc_difficult_ignore_state_is_carried_to_evaluation(tmp_path: Path) -> None:
+    """``--voc-difficult ignore``: difficult-only classes are negatives in training, and in the
+    ignore state (excluded from AP) in val/test; an image with a non-difficult object of the
+    class keeps it as a plain positive."""
+    sets = voc_sets(24, 20, 5)
+    first = next(iter(sets["test"]))
+    sets["test"][first] = [("cat", True), ("dog", True), ("dog", False)]
+    voc_folder(tmp_path / "VOC2007", sets)
+    out = tmp_path / "out"
+    assert prepare("--benchmark", "voc", "--images", str(tmp_path / "VOC2007"), "--out", str(out),
+                   "--voc-difficult", "ignore", "--view", "clean") == 0
+    table = split_table(out)
+    for image_id, objects in sets["trainval"].items():
+        np.testing.assert_array_equal(table["train"][image_id], expected_voc(objects, False))
+    data = PreparedData(out)
+    data.verify()
+    assert data.manifest["ignore"]["file"] == "labels/ignore.parquet"
+    for split in ("val", "test"):
+        ids, labels = data.true_labels(split)
+        mask = data.ignore_mask(split)
+        for i, image_id in enumerate(ids):
+            objects = sets["test"][image_id]
+            plain = expected_voc(objects, False)
+            hard = expected_voc(objects, True) & (1 - plain)
+            np.testing.assert_array_equal(labels[i], plain)
+            np.testing.assert_array_equal(mask[i], hard.astype(bool))
+        if first in ids:
+            row = mask[ids.index(first)]
+            assert row[VOC_CLASSES.index("cat")] and not row[VOC_CLASSES.index("dog")]
+    assert sum(int(data.ignore_mask(s).sum()) for s in ("val", "test")) == sum(
+        data.manifest["ignore"]["entries"].values()) > 0
+    plain = tmp_path / "plain"
+    assert prepare("--benchmark", "voc", "--images", str(tmp_path / "VOC2007"), "--out",
+                   str(plain), "--view", "clean") == 0
+    assert PreparedData(plain).ignore_mask("test") is None
+
+
 def test_voc2007_partial_reads_cones_npy_through_restricted_loader(tmp_path: Path) -> None:
     sets = voc_sets(16, 12, 6)
     voc_folder(tmp_path / "VOC2007", sets)

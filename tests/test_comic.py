@@ -4,6 +4,7 @@ statistics, the TDE logits, the method state and its multi-worker collectives.""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from methods.comic import (
     recall_targets,
     rlc_loss,
     view_rows,
+    view_sample_weights,
 )
 from tuner.backbones import build_model
 
@@ -208,7 +210,7 @@ def test_corrector_is_off_before_compute_epoch() -> None:
 
 
 # ------------------------------------------------------------------------------ HTB
-def test_htb_matches_its_formula_and_favours_the_better_branch() -> None:
+def test_htb_inverse_distill_variant_matches_its_formula() -> None:
     gen = torch.Generator().manual_seed(5)
     zb, zh, zt = (torch.randn(6, C, generator=gen, dtype=torch.float64) for _ in range(3))
     lh, lt = torch.tensor(1.0, dtype=torch.float64), torch.tensor(3.0, dtype=torch.float64)
@@ -217,13 +219,48 @@ def test_htb_matches_its_formula_and_favours_the_better_branch() -> None:
         p, q = _sigmoid(student), _sigmoid(teacher)
         return float(-(q * np.log(p) + (1 - q) * np.log(1 - p)).sum(1).mean())
 
-    w_h = 3.0**2 / (1.0**2 + 3.0**2)  # the head branch has the lower loss: it teaches more
+    w_h = 3.0**2 / (1.0**2 + 3.0**2)  # inverse: the head branch has the lower loss, weighs more
     ref = w_h * kd(zb.numpy(), zh.numpy()) + (1 - w_h) * kd(zb.numpy(), zt.numpy())
-    assert_close(htb_loss(zb, zh, zt, lh, lt, gamma=2.0), torch.tensor(ref, dtype=torch.float64))
+    got = htb_loss(zb, zh, zt, lh, lt, gamma=2.0, weighting="inverse", term="distill")
+    assert_close(got, torch.tensor(ref, dtype=torch.float64))
     zb.requires_grad_()
     zh.requires_grad_()
-    htb_loss(zb, zh, zt, lh, lt, gamma=2.0).backward()
+    htb_loss(zb, zh, zt, lh, lt, gamma=2.0, weighting="inverse", term="distill").backward()
     assert zb.grad is not None and zh.grad is None  # teachers get no gradient
+
+
+def test_htb_release_direction_and_term_by_hand() -> None:
+    """The released HeadTailBalancerLoss: w_h = L_h^2 / (L_h^2 + L_t^2) (the branch with the
+    HIGHER loss weighs more) and terms PFM(softmax(z_h) * softmax(z_b)); by hand, 1 image."""
+    zb = torch.tensor([[0.0, 0.0]], dtype=torch.float64)  # softmax = (1/2, 1/2)
+    zh = torch.tensor([[math.log(3.0), 0.0]], dtype=torch.float64)  # softmax = (3/4, 1/4)
+    zt = torch.tensor([[0.0, 0.0]], dtype=torch.float64)  # softmax = (1/2, 1/2)
+    lh, lt = torch.tensor(1.0, dtype=torch.float64), torch.tensor(3.0, dtype=torch.float64)
+    seen = []
+
+    def fake_pfm(x: torch.Tensor) -> torch.Tensor:  # identity "loss": the sum of its input
+        seen.append(x.detach().clone())
+        return x.sum()
+
+    got = htb_loss(zb, zh, zt, lh, lt, gamma=2.0, pfm=fake_pfm)
+    assert_close(seen[0], torch.tensor([[3 / 8, 1 / 8]], dtype=torch.float64))
+    assert_close(seen[1], torch.tensor([[1 / 4, 1 / 4]], dtype=torch.float64))
+    w_h = 1.0 / (1.0 + 9.0)  # the tail branch has the higher loss (3): it gets 9/10
+    assert_close(got, torch.tensor(w_h * 0.5 + (1 - w_h) * 0.5, dtype=torch.float64))
+    zh2 = torch.tensor([[0.0, 0.0]], dtype=torch.float64)
+    zt2 = torch.tensor([[math.log(3.0), 0.0]], dtype=torch.float64)
+    got = htb_loss(zb, zh2, zt2, lh, lt, gamma=2.0, pfm=lambda x: x[0, 0])
+    assert_close(got, torch.tensor(0.1 * 0.25 + 0.9 * 0.375, dtype=torch.float64))
+    inv = htb_loss(zb, zh2, zt2, lh, lt, gamma=2.0, weighting="inverse", pfm=lambda x: x[0, 0])
+    assert_close(inv, torch.tensor(0.9 * 0.25 + 0.1 * 0.375, dtype=torch.float64))
+    with pytest.raises(ValueError):
+        htb_loss(zb, zh, zt, lh, lt, gamma=2.0)  # the release term needs the PFM
+
+
+def test_htb_is_off_by_default_and_balanced_scores_are_evaluated() -> None:
+    prm = COMICParams()
+    assert prm.htb is False and prm.eval_logits == "balanced"
+    assert prm.htb_weighting == "release" and prm.htb_term == "release"
 
 
 # ------------------------------------------------------------------------------ sampler views
@@ -385,3 +422,40 @@ def test_shipped_space_tunes_the_issue_knobs() -> None:
             "prior_exponent", "rlc_weight", "scale", "tde_alpha", "cls_lr_scale"} <= tuned
     assert isinstance(raw["train"]["lr"], dict)
     assert raw["data"] == {**raw["data"], "label_regime": "missing", "rate": 0.6}
+
+
+# ------------------------------------------------------------------------------ dataset-level views
+def test_dataset_level_sampler_weights_by_hand() -> None:
+    """Counts n = (3, 2). Reversed: class 0 w.p. (1/3)/(1/3 + 1/2) = 0.4, class 1 0.6, then a
+    uniform image of it: P = (0.4/3, 0.4/3 + 0.6/2, 0.6/2, 0.4/3). Balanced: 1/2 each."""
+    y = torch.tensor([[1.0, 0], [1, 1], [0, 1], [1, 0]])
+    w = view_sample_weights(y)
+    head = w["head"] / w["head"].sum()
+    tail = w["tail"] / w["tail"].sum()
+    assert_close(head, torch.tensor([0.4 / 3, 0.4 / 3 + 0.3, 0.3, 0.4 / 3], dtype=torch.float64))
+    assert_close(tail, torch.tensor([0.5 / 3, 0.5 / 3 + 0.25, 0.25, 0.5 / 3], dtype=torch.float64))
+    m, _ = _method()
+    assert set(m.view_weights(0)) == {"head", "tail"}
+    m2, _ = _method(views="batch")
+    assert m2.view_weights(0) is None
+
+
+def test_head_and_tail_branches_train_on_the_dataset_views() -> None:
+    """With the data layer's view rows in the batch, each branch's PFM uses its own view's
+    images and labels (not a resample of the batch)."""
+    m, net = _method(rlc_weight=0.0, attention=False, freeze_trunk=False)
+    y = _labels()
+    gen = torch.Generator().manual_seed(9)
+    imgs = torch.randn(12, 3, 16, 16, generator=gen)
+    batch = {"image": imgs[:4], "target": y[:4], "index": torch.arange(4),
+             "head_image": imgs[4:9], "head_target": y[4:9], "head_index": torch.arange(4, 9),
+             "tail_image": imgs[9:], "tail_target": y[9:12], "tail_index": torch.arange(9, 12)}
+    net.eval()  # BatchNorm in eval: features do not depend on the batch
+    loss = m.training_step(net, batch)["loss"]
+    kw = dict(gamma_pos=0.0, gamma_neg=3.0, clip=0.05, gamma_class_ng=1.2)
+    parts = {}
+    for b, sl in (("balanced", slice(0, 4)), ("head", slice(4, 9)), ("tail", slice(9, 12))):
+        feats = net.branch_features(imgs[sl])[b]
+        parts[b] = pfm_loss(net.logits(b, feats), y[sl], attention_scores(y[sl], m.cooc),
+                            m.pfm_weights, **kw)
+    assert_close(loss, sum(parts.values()) + sum(parts.values()) / 3)

@@ -102,6 +102,24 @@ def test_sum_power_is_the_released_formula() -> None:
     assert_close(negative_weights(logits, s, r, "sum_power"), expected)
 
 
+def test_release_normaliser_is_the_default_by_hand() -> None:
+    """r = 3, one candidate and two non-candidates with r l = 1 and 4 (l = softplus(z)):
+    a = 1/(r l) = (1, 1/4), xi = 1/2. Release: xi sqrt(a) / sqrt(sum a) = (0.4472, 0.2236);
+    textbook: xi sqrt(a) / sum sqrt(a) = (1/3, 1/6)."""
+    assert CoNeSParams().neg_weight_norm == "sum_power"
+    losses = torch.tensor([1 / 3, 4 / 3], dtype=torch.float64)
+    z = torch.log(torch.expm1(losses))  # softplus(z) = l
+    logits = torch.cat([torch.tensor([0.7], dtype=torch.float64), z]).unsqueeze(0)
+    s = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
+    root = math.sqrt(1.25)
+    release = torch.tensor([[0.0, 0.5 / root, 0.25 / root]], dtype=torch.float64)
+    assert_close(negative_weights(logits, s, 3.0), release)  # the default norm
+    assert_close(negative_weights(logits, s, 3.0, "simplex"),
+                 torch.tensor([[0.0, 1 / 3, 1 / 6]], dtype=torch.float64))
+    method = CoNeS(CoNeSParams(), _task(3, 1))
+    assert method.params.neg_weight_norm == "sum_power"
+
+
 def test_weights_stay_finite_for_extreme_logits() -> None:
     logits = torch.tensor([[-200.0, -50.0, 0.0, 40.0, 120.0]])
     s = torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0]])
@@ -171,7 +189,7 @@ def test_training_step_pushes_planted_prototypes_into_memory() -> None:
 def test_confidence_targets_and_loss_follow_the_formulas() -> None:
     c, n = 4, 6
     s = _candidates(n, c, seed=5)
-    prm = CoNeSParams(beta=0.3, r_ws=2.5, conf_momentum=0.9)
+    prm = CoNeSParams(beta=0.3, r_ws=2.5, conf_momentum=0.9, neg_weight_norm="simplex")
     method = CoNeS(prm, _task(c, n))
     method.set_train_targets(s)
     gen = torch.Generator().manual_seed(3)

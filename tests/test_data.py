@@ -693,3 +693,58 @@ def test_quiet_ray_console_hides_routine_ray_data_lines(ray_local: None) -> None
         logger.removeHandler(console)
         for handler, level in saved:
             handler.setLevel(level)
+
+
+def test_sample_repeats_draws_a_given_epoch_length() -> None:
+    weights = np.array([1.0, 3.0, 0.0])
+    repeats = sample_repeats(weights, seed=1, draws=4000)
+    assert repeats.sum() == 4000 and repeats[2] == 0
+    assert repeats[1] / 4000 == pytest.approx(0.75, abs=0.03)
+    with pytest.raises(ValueError, match="at least one draw"):
+        sample_repeats(weights, seed=1, draws=0)
+
+
+def _blocks(n: int, per_block: int) -> list[dict[str, np.ndarray]]:
+    """Decoded-looking blocks whose every pixel holds the image index (to check pairing)."""
+    out = []
+    for start in range(0, n, per_block):
+        index = np.arange(start, min(n, start + per_block), dtype=np.int64)
+        image = np.broadcast_to(index[:, None, None, None] % 251, (len(index), 3, 2, 2))
+        out.append({"image": np.ascontiguousarray(image, dtype=np.uint8), "index": index})
+    return out
+
+
+@pytest.mark.parametrize("shuffle_buffer", [0, 16])
+def test_batches_carry_dataset_level_views(shuffle_buffer: int) -> None:
+    """Each view yields exactly its drawn multiset over the epoch, B rows per batch beside the
+    main rows, with images paired to their indices, and draws images the batch lacks."""
+    n, b = 90, 8
+    head = np.zeros(n, dtype=np.int64)
+    head[[3, 77]] = [45, 45]  # a dataset-level sampler: only two images, from two blocks
+    tail = sample_repeats(np.linspace(1.0, 2.0, n), seed=4)
+    main_rows, counts = [], {"head": np.zeros(n, int), "tail": np.zeros(n, int)}
+    missing_from_batch = 0
+    for batch in iter_train_batches(_blocks(n, 30), b, shuffle_buffer=shuffle_buffer,
+                                    views={"head": head, "tail": tail}):
+        main = batch["index"].numpy()
+        main_rows.append(main)
+        for v in ("head", "tail"):
+            idx = batch[f"{v}_index"].numpy()
+            assert len(idx) == len(main)  # equal totals on one worker: equal batch sizes
+            np.testing.assert_array_equal(batch[f"{v}_image"][:, 0, 0, 0].numpy(), idx % 251)
+            np.add.at(counts[v], idx, 1)
+            missing_from_batch += int(np.isin(idx, main, invert=True).sum())
+        np.testing.assert_array_equal(batch["image"][:, 0, 0, 0].numpy(), main % 251)
+    np.testing.assert_array_equal(np.sort(np.concatenate(main_rows)), np.arange(n))
+    np.testing.assert_array_equal(counts["head"], head)
+    np.testing.assert_array_equal(counts["tail"], tail)
+    assert missing_from_batch > 0
+
+
+def test_views_shorter_than_the_epoch_give_what_they_have() -> None:
+    n = 20
+    short = np.zeros(n, dtype=np.int64)
+    short[5] = 3  # 3 view rows for a 20-row epoch (one worker's shard)
+    sizes = [len(bt["v_index"]) for bt in iter_train_batches(
+        _blocks(n, 10), 8, shuffle_buffer=0, views={"v": short})]
+    assert sum(sizes) == 3 and sizes[-1] == 0

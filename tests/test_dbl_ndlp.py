@@ -370,7 +370,7 @@ def _loop_data(n: int = 40, c: int = 5, s: int = 16):
     images = torch.randint(0, 256, (n, 3, s, s), dtype=torch.uint8, generator=g)
     labels = _candidates(1, n, c)
 
-    def batches(epoch: int, weights=None):
+    def batches(epoch: int, weights=None, **sampling):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(100 + epoch))
         for start in range(0, n, 10):
             idx = order[start : start + 10]
@@ -464,7 +464,7 @@ def test_sampler_uses_clean_labels_only_under_the_oracle_flag(name: str) -> None
     images = torch.randint(0, 256, (len(clean), 3, 16, 16), dtype=torch.uint8)
     seen: list[torch.Tensor | None] = []
 
-    def batches(epoch: int, weights=None):
+    def batches(epoch: int, weights=None, **sampling):
         seen.append(None if weights is None else torch.as_tensor(weights).float())
         yield {"image": images[:16], "index": torch.arange(16)}
 
@@ -477,3 +477,70 @@ def test_sampler_uses_clean_labels_only_under_the_oracle_flag(name: str) -> None
             device=torch.device("cpu"))
         assert_close(seen[-1], class_aware_weights(expected).float())
     assert not torch.allclose(class_aware_weights(clean), class_aware_weights(observed))
+
+
+# -------------------------------------------------------------- issue 21: epoch 0, epoch length
+def test_paper_rule_at_epoch_zero_by_hand() -> None:
+    """Uniform Q and the strict comparison, as the release: phi = (4/9, 5/12, 5/12); image 1
+    (three candidates, q = 1/3 everywhere) gets no pseudo-positive and trains all-negative."""
+    task = TaskInfo(num_classes=3, num_train=3, class_counts=(2, 2, 2), max_epochs=4)
+    m = methods.create_method("ndlp", {"gamma": 3.0}, task)
+    s = torch.tensor([[1.0, 1, 0], [1, 1, 1], [1, 0, 1]])
+    m.set_train_targets(s)
+    assert_close(m.thresholds(), torch.tensor([4 / 9, 5 / 12, 5 / 12]))
+    sharp, pseudo = m.pseudo_targets(torch.arange(3))
+    assert_close(sharp, s / s.sum(1, keepdim=True))  # sharpening keeps a uniform row
+    assert pseudo.tolist() == [[1, 1, 0], [0, 0, 0], [1, 0, 1]]
+    m.on_epoch_start(0)
+    logits = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return logits
+
+    out = m.training_step(Fixed(), {"image": torch.zeros(3, 1), "index": torch.arange(3),
+                                    "target": s})
+    assert_close(out["loss"], m.db(logits, pseudo).sum(1).mean())  # no mixup at epoch 0
+
+
+def test_class_aware_epoch_is_the_released_length() -> None:
+    from methods.dbl import class_aware_draws
+
+    voc = torch.zeros(1142, 20)
+    voc[:775, 14] = 1.0  # person, 775 of 1,142
+    voc[775:, 0] = 1.0
+    assert class_aware_draws(voc) == 775 * 20 // 4 == 3875
+    coco = torch.zeros(1909, 80)
+    coco[:1128, 0] = 1.0
+    assert class_aware_draws(coco) == 22560
+    small = torch.tensor([[1.0, 0, 1], [1, 1, 0], [1, 0, 1], [1, 0, 0]] * 2)  # counts 8, 2, 4
+    assert class_aware_draws(small) == 6  # floor(8 * 3 / 4)
+
+
+@pytest.mark.parametrize("name", ["dbl", "ndlp"])
+@pytest.mark.parametrize("length", ["release", "images"])
+def test_loop_draws_the_methods_epoch_length(name: str, length: str) -> None:
+    """The loop asks the stream for the method's draws and sizes the LR schedule on them."""
+    from methods.dbl import class_aware_draws
+    from tuner.backbones import build_model
+    from tuner.loop import TrainConfig, TrainData, fit, lr_factor
+
+    observed = _candidates(2, 40, 5)
+    images = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8)
+    asked: list[dict] = []
+
+    def batches(epoch: int, weights=None, **sampling):
+        asked.append(sampling)
+        yield {"image": images[:16], "index": torch.arange(16)}
+
+    cfg = TrainConfig.from_dict({"image_size": 16, "batch_size": 16, "max_epochs": 1})
+    method = methods.create_method(name, {"epoch_draws": length}, TASK)
+    data = TrainData(batches, observed, steps_per_epoch=3, val_images=images,
+                     val_targets=observed.numpy().astype(np.uint8))
+    seen: list[dict] = []
+    fit(method, build_model("small_cnn", 5), cfg, data, lambda m, s: seen.append(m),
+        device=torch.device("cpu"))
+    draws = class_aware_draws(observed)
+    steps = math.ceil(draws / 16) if length == "release" else 3
+    assert asked == ([{"draws": draws}] if length == "release" else [{}])
+    assert seen[0]["lr"] == pytest.approx(cfg.lr * lr_factor(1, steps, cfg))

@@ -226,3 +226,29 @@ def test_channels_last_trains_the_same_in_nhwc() -> None:
     nhwc = run(True)
     assert seen and all(seen)
     assert nhwc == pytest.approx(nchw, abs=0.5)  # same training, another memory layout
+
+
+def test_evaluation_leaves_ignored_entries_out() -> None:
+    """The loop's evaluation passes the split's "ignore" state to the metrics."""
+    import methods as registry
+    from methods.base import TaskInfo
+    from tuner.backbones import build_model
+    from tuner.loop import TrainConfig, evaluate, predict
+    from tuner.metrics import mean_ap
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (30, 3, 16, 16), dtype=torch.uint8)
+    targets = (torch.rand(30, 4) < 0.4).numpy().astype(np.uint8)
+    targets[:4] = 1
+    ignore = np.zeros_like(targets, dtype=bool)
+    ignore[10:20, :2] = True
+    targets[ignore] = 0
+    task = TaskInfo(num_classes=4, num_train=30, class_counts=(5, 5, 5, 5), max_epochs=1)
+    method = registry.create_method("bce", {}, task)
+    model = build_model("small_cnn", 4)
+    cfg = TrainConfig.from_dict({"image_size": 16})
+    cpu = torch.device("cpu")
+    scores = predict(method, model, images, 8, cpu)
+    got = evaluate(method, model, images, targets, {}, cfg, cpu, ignore=ignore)["mAP"]
+    assert got == pytest.approx(mean_ap(scores, targets, ignore=ignore)["mAP"])
+    assert got != pytest.approx(mean_ap(scores, targets)["mAP"])

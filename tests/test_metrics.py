@@ -201,3 +201,35 @@ def test_evaluate_accepts_tensors_and_extreme_logits() -> None:
         result = evaluate(logits, targets)
     assert_allclose(result["mAP"], 100.0)
     assert_allclose([result["OP"], result["OR"]], [50.0, 100.0])
+
+
+def test_ignored_entries_are_left_out_of_ap_as_sklearn_on_the_kept_entries() -> None:
+    """VOC07 protocol: each class's AP on its kept (non-ignored) entries only."""
+    from sklearn.metrics import average_precision_score
+
+    from tuner.metrics import evaluate, f1_scores, mean_ap, per_class_ap
+
+    rng = np.random.default_rng(21)
+    scores = rng.normal(size=(60, 4))
+    targets = (rng.random((60, 4)) < 0.3).astype(np.uint8)
+    targets[0] = 1
+    ignore = rng.random((60, 4)) < 0.2
+    ignore[:, 3] = False  # one class without ignored entries
+    targets[ignore] = 0  # an ignored entry holds no label
+    scores[ignore] += 5.0  # high scores on ignored entries: they would hurt AP if counted
+    ap = per_class_ap(scores, targets, ignore)
+    for c in range(4):
+        keep = ~ignore[:, c]
+        assert ap[c] == pytest.approx(average_precision_score(targets[keep, c], scores[keep, c]))
+    plain = per_class_ap(scores, targets)
+    assert (ap[:3] > plain[:3]).all() and ap[3] == pytest.approx(plain[3])
+    assert mean_ap(scores, targets, {"a": [0, 1]}, ignore)["mAP_a"] == pytest.approx(
+        100 * ap[:2].mean())
+    assert evaluate(scores, targets, ignore=ignore)["mAP"] == pytest.approx(100 * ap.mean())
+    probs = 1 / (1 + np.exp(-scores))
+    f1 = f1_scores(probs, targets, 0.5, ignore)
+    pred = (probs >= 0.5) & ~ignore
+    tp = (pred & (targets == 1)).sum()
+    assert f1["OP"] == pytest.approx(100 * tp / pred.sum())
+    with pytest.raises(ValueError, match="same shape"):
+        per_class_ap(scores, targets, ignore[:5])

@@ -176,3 +176,13 @@ def test_search_cli_bad_label_regime_is_one_line(capsys: pytest.CaptureFixture[s
     # the command line is named, not the space file (issue 20, case 7)
     assert len(err.splitlines()) == 1 and "hill.yaml" not in err
     assert "--label-regime 'noisy:0.2': label regime must be one of" in err and "'noisy'" in err
+
+
+def test_reported_groups_follow_the_protocol_setting() -> None:
+    """data.groups: benchmark (default, DBL protocol) | observed (PLT protocol, COMIC)."""
+    assert load_space(ROOT / "search_spaces/hill.yaml").data["groups"] == "benchmark"
+    assert load_space(ROOT / "search_spaces/comic.yaml").data["groups"] == "observed"
+    raw = yaml.safe_load((ROOT / "search_spaces/comic.yaml").read_text())
+    raw["data"]["groups"] = "true"
+    with pytest.raises(ConfigError, match=r"data\.groups: must be benchmark .* got 'true'"):
+        parse_space(raw)

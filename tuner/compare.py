@@ -118,7 +118,9 @@ def method_space(name: str, settings: Settings, spaces_dir: Path) -> dict[str, A
     """``search_spaces/<name>.yaml`` with the shared data, ASHA, search and resource settings.
 
     The method's own ``train`` and ``params`` domains are kept; everything that defines the
-    budget is overwritten, so every method gets the same one. Validated before it is returned.
+    budget is overwritten, so every method gets the same one, and every method reports the
+    benchmark's groups (``data.groups: benchmark``; COMIC's own space reports the PLT
+    protocol's observed groups). Validated before it is returned.
     """
     from tuner.prepare import parse_view
     from tuner.space import parse_space
@@ -128,7 +130,8 @@ def method_space(name: str, settings: Settings, spaces_dir: Path) -> dict[str, A
     view = parse_view(settings.label_regime, settings.view_seed)
     raw["data"] = {**(raw.get("data") or {}), "benchmark": settings.benchmark,
                    "data_dir": settings.data_dir, "label_regime": view.kind, "rate": view.rate,
-                   "seed": view.seed}
+                   "seed": view.seed,
+                   "groups": "benchmark"}  # one set of reported groups for every method
     raw["asha"] = {"max_epochs": settings.epochs, "grace_period": settings.grace_period,
                    "reduction_factor": settings.reduction_factor}
     raw["search"] = {**(raw.get("search") or {}), "num_trials": settings.trials,

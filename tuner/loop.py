@@ -61,9 +61,12 @@ class TrainData:
     """What the loop trains and validates on.
 
     Attributes:
-        train_batches: ``(epoch, weights) -> iterable`` of ``{"image": uint8 (B,3,S,S),
-            "index": (B,)}``. ``weights`` is None (each image once, shuffled) or ``(N,)``
-            sampling weights: the epoch then draws N images with replacement in proportion.
+        train_batches: ``(epoch, weights, **sampling) -> iterable`` of ``{"image": uint8
+            (B,3,S,S), "index": (B,)}``. ``weights`` is None (each image once, shuffled) or
+            ``(N,)`` sampling weights: the epoch then draws N images (``draws=K``: K images)
+            with replacement in proportion. ``views={name: (N,) weights}`` (only passed when
+            a method asks for views) adds ``<name>_image`` / ``<name>_index`` rows of those
+            dataset-level samplers to every batch (:func:`tuner.data.stream.iter_train_batches`).
         train_targets: ``(N, C)`` float observed training labels, row = ``index``.
         steps_per_epoch: optimizer steps per epoch (for the schedule).
         val_images: ``(M, 3, S, S)`` uint8 validation images.
@@ -71,6 +74,8 @@ class TrainData:
         groups: head / medium / tail class indices for the group mAPs.
         stats_targets: ``(N, C)`` labels for methods' per-image statistics
             (``Method.set_stats_targets``); None = the observed ``train_targets``.
+        val_ignore: ``(M, C)`` bool "ignore" state of validation label entries (VOC07
+            difficult objects), left out of AP and F1; None = none.
     """
 
     train_batches: Callable[[int, np.ndarray | None], Iterable[Mapping[str, Tensor]]]
@@ -80,6 +85,7 @@ class TrainData:
     val_targets: np.ndarray
     groups: Mapping[str, list[int]] = field(default_factory=dict)
     stats_targets: Tensor | None = None
+    val_ignore: np.ndarray | None = None
 
 
 def peak_rss_mb() -> float:
@@ -187,11 +193,13 @@ def evaluate(
     groups: Mapping[str, list[int]],
     cfg: TrainConfig,
     device: torch.device,
+    ignore: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Platform metrics (mAP, group mAPs, CF1/OF1) of ``model`` on one split, plus the
-    method's ``extra_metrics`` (e.g. TailCLIP's softmax mAP, for comparison with a paper)."""
+    method's ``extra_metrics`` (e.g. TailCLIP's softmax mAP, for comparison with a paper).
+    ``ignore``: label entries in the "ignore" state, left out of AP and F1."""
     scores = predict(method, model, images, cfg.eval_batch_size, device, cfg.channels_last)
-    metrics = score_metrics(scores, targets, groups, threshold=cfg.threshold)
+    metrics = score_metrics(scores, targets, groups, threshold=cfg.threshold, ignore=ignore)
     metrics.update(method.extra_metrics(scores, targets, groups))
     return metrics
 
@@ -311,6 +319,13 @@ def fit(
     method.set_train_targets(targets)
     stats = data.stats_targets
     method.set_stats_targets(targets if stats is None else stats.float())
+    draws = method.epoch_draws() if method.sample_weights(0) is not None else None
+    steps_per_epoch = data.steps_per_epoch
+    if draws is not None:  # a method's own epoch length (e.g. DBL's class-aware epoch):
+        # ceil(draws / global batch), the global batch as the trainable splits it
+        world = 1 if dist is None else int(getattr(dist, "world_size", 1))
+        per_worker = max(1, math.ceil(cfg.batch_size / world))
+        steps_per_epoch = max(1, math.ceil(int(draws) / (per_worker * world)))
     model = method.configure_model(model)
     model.to(device)
     if cfg.channels_last:
@@ -318,7 +333,7 @@ def fit(
     if dist is not None:
         dist.broadcast_module(model)
     step = _Step(
-        model, cfg, cfg.max_epochs * data.steps_per_epoch, device, lr_scale=method.lr_scale,
+        model, cfg, cfg.max_epochs * steps_per_epoch, device, lr_scale=method.lr_scale,
         grad_sync=None if dist is None else dist.average_gradients,
     )
     start_epoch, best = 0, {"val_mAP": -math.inf, "epoch": 0, "model": None, "metrics": {}}
@@ -332,7 +347,7 @@ def fit(
     state: dict[str, Any] = {}
     first_step = math.nan
     for epoch in range(start_epoch, cfg.max_epochs):
-        metrics = _train_epoch(method, model, step, data, targets, epoch, device, dist)
+        metrics = _train_epoch(method, model, step, data, targets, epoch, device, dist, draws)
         if started_at is not None:
             first_step = first_step if epoch > start_epoch else metrics.pop("first_step_at")
             metrics["startup_time"] = max(0.0, first_step - started_at)
@@ -371,6 +386,7 @@ def _train_epoch(
     epoch: int,
     device: torch.device,
     dist: Any | None = None,
+    draws: int | None = None,
 ) -> dict[str, Any]:
     """One epoch of training steps.
 
@@ -382,13 +398,20 @@ def _train_epoch(
     model.train()
     method.on_epoch_start(epoch)
     weights = method.sample_weights(epoch)
+    sampling: dict[str, Any] = {}
     if weights is not None:
         weights = torch.as_tensor(weights, dtype=torch.float64).cpu().numpy()
+        if draws is not None:
+            sampling["draws"] = int(draws)
+    views = method.view_weights(epoch)
+    if views:
+        sampling["views"] = {name: torch.as_tensor(w, dtype=torch.float64).cpu().numpy()
+                             for name, w in views.items()}
     t0 = time.perf_counter()
     wait, total_loss, seen, n = 0.0, 0.0, 0, 0
     first_step_at = math.nan
     t_wait = time.perf_counter()
-    batches = iter(data.train_batches(epoch, weights))
+    batches = iter(data.train_batches(epoch, weights, **sampling))
     while True:
         raw = next(batches, None)
         if dist is not None and not dist.all_have(raw is not None):
@@ -406,6 +429,12 @@ def _train_epoch(
             "target": targets[index].to(device, non_blocking=True),
             "index": index.to(device),
         }
+        for name in sampling.get("views", {}):
+            v_index = raw[f"{name}_index"].long()
+            batch[f"{name}_image"] = _to_device(raw[f"{name}_image"], device,
+                                                step.cfg.channels_last)
+            batch[f"{name}_target"] = targets[v_index].to(device, non_blocking=True)
+            batch[f"{name}_index"] = v_index.to(device)
         out = step(method, batch, where=f"epoch {epoch + 1}, step {n + 1}")
         method.on_batch_end(batch, out)
         total_loss += float(out["loss"].detach()) * len(index)
@@ -429,10 +458,12 @@ def _validate(
     device: torch.device,
 ) -> tuple[dict[str, float], str]:
     """Validation metrics of the regular model, or of the EMA model when it scores higher."""
-    val = evaluate(method, model, data.val_images, data.val_targets, data.groups, cfg, device)
+    val = evaluate(method, model, data.val_images, data.val_targets, data.groups, cfg, device,
+                   data.val_ignore)
     if step.ema is None:
         return val, "model"
     ema_val = evaluate(
-        method, step.ema.module, data.val_images, data.val_targets, data.groups, cfg, device
+        method, step.ema.module, data.val_images, data.val_targets, data.groups, cfg, device,
+        data.val_ignore,
     )
     return (ema_val, "ema") if ema_val["mAP"] > val["mAP"] else (val, "model")

@@ -16,6 +16,10 @@ Conventions, fixed platform-wide:
 * CF1 is :math:`2 \cdot CP \cdot CR / (CP + CR)` with CP and CR the class-averaged precision
   and recall (the textbook / CoNeS definition). The Hill/SPLC ``validate.py`` instead averages
   the per-class F1, which gives a different number.
+* ``ignore``: an optional ``(N, C)`` bool mask of label entries that are neither positive nor
+  negative (VOC2007 "difficult" objects under ``--voc-difficult ignore``). Each class's AP is
+  computed on its kept entries only (the VOC07 protocol), and ignored entries count in no F1
+  total. Applied before the AP call; the AP itself is unchanged.
 """
 
 from __future__ import annotations
@@ -79,18 +83,36 @@ def average_precision(scores: ArrayLike, targets: ArrayLike) -> float:
     return float(per_class_ap(s[:, None], t[:, None])[0])
 
 
-def per_class_ap(scores: ArrayLike, targets: ArrayLike) -> np.ndarray:
+def _ignore_mask(ignore: ArrayLike | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """``ignore`` as an ``(N, C)`` bool array of ``shape`` (None when nothing is ignored)."""
+    if ignore is None:
+        return None
+    mask = _as_numpy(ignore, "ignore", 2) != 0
+    if mask.shape != shape:
+        raise ValueError(f"ignore {mask.shape} and targets {shape} must have the same shape")
+    return mask if mask.any() else None
+
+
+def per_class_ap(
+    scores: ArrayLike, targets: ArrayLike, ignore: ArrayLike | None = None
+) -> np.ndarray:
     """AP of every class, by ``sklearn.metrics.average_precision_score(average=None)``.
 
     Args:
         scores: ``(N, C)`` scores.
         targets: ``(N, C)`` 0/1 ground truth.
+        ignore: optional ``(N, C)`` bool mask; class c's AP uses only the rows where
+            ``ignore[:, c]`` is False.
 
     Returns:
-        ``(C,)`` AP in [0, 1], NaN for classes without a positive (scikit-learn is not asked
-        about them: it would warn and return 0).
+        ``(C,)`` AP in [0, 1], NaN for classes without a (kept) positive (scikit-learn is not
+        asked about them: it would warn and return 0).
     """
     s, t = _check_pair(scores, targets, ndim=2)
+    mask = _ignore_mask(ignore, t.shape)
+    if mask is not None:  # each class on its own kept rows
+        return np.array([per_class_ap(s[~mask[:, c], c:c + 1], t[~mask[:, c], c:c + 1])[0]
+                         for c in range(s.shape[1])])
     ap = np.full(s.shape[1], np.nan)
     scored = np.flatnonzero(t.any(0))
     if scored.size == 1:  # one column is "binary" to scikit-learn, not "multilabel-indicator"
@@ -104,6 +126,7 @@ def mean_ap(
     scores: ArrayLike,
     targets: ArrayLike,
     groups: Mapping[str, Sequence[int]] | None = None,
+    ignore: ArrayLike | None = None,
 ) -> dict[str, float]:
     """mAP in percent over the classes with a positive, in total and per class group.
 
@@ -111,12 +134,13 @@ def mean_ap(
         scores: ``(N, C)`` scores.
         targets: ``(N, C)`` 0/1 ground truth.
         groups: optional group name -> class indices (e.g. ``head`` / ``medium`` / ``tail``).
+        ignore: optional ``(N, C)`` bool mask of entries left out of their class's AP.
 
     Returns:
         ``{"mAP": ..., "mAP_<name>": ... for each group}``; a value is NaN when none of its
         classes has a positive.
     """
-    ap = per_class_ap(scores, targets)
+    ap = per_class_ap(scores, targets, ignore)
     out = {"mAP": _percent_mean(ap)}
     for name, classes in (groups or {}).items():
         out[f"mAP_{name}"] = _percent_mean(ap[np.asarray(classes, dtype=np.int64)])
@@ -127,7 +151,8 @@ def _f1(precision: float, recall: float) -> float:
     return float(_safe_div(2.0 * precision * recall, precision + recall))
 
 
-def f1_scores(probs: ArrayLike, targets: ArrayLike, threshold: float = 0.5) -> dict[str, float]:
+def f1_scores(probs: ArrayLike, targets: ArrayLike, threshold: float = 0.5,
+              ignore: ArrayLike | None = None) -> dict[str, float]:
     """Class-averaged (C*) and overall (O*) precision, recall and F1 at ``probs >= threshold``.
 
     CP and CR average the per-class precision and recall over all C classes, a class with no
@@ -139,12 +164,16 @@ def f1_scores(probs: ArrayLike, targets: ArrayLike, threshold: float = 0.5) -> d
         probs: ``(N, C)`` probabilities.
         targets: ``(N, C)`` 0/1 ground truth.
         threshold: a label is predicted positive when its probability is ``>= threshold``.
+        ignore: optional ``(N, C)`` bool mask of entries counted nowhere.
 
     Returns:
         ``CP``, ``CR``, ``CF1``, ``OP``, ``OR``, ``OF1``, in percent.
     """
     p, t = _check_pair(probs, targets, ndim=2)
+    mask = _ignore_mask(ignore, t.shape)
     pred = (p >= threshold).astype(np.float64)
+    if mask is not None:
+        pred, t = np.where(mask, 0.0, pred), np.where(mask, 0.0, t)
     tp, n_pred, n_true = (pred * t).sum(0), pred.sum(0), t.sum(0)
     cp = float(_safe_div(tp, n_pred).mean())
     cr = float(_safe_div(tp, n_true).mean())
@@ -163,6 +192,7 @@ def evaluate(
     targets: ArrayLike,
     groups: Mapping[str, Sequence[int]] | None = None,
     threshold: float = 0.5,
+    ignore: ArrayLike | None = None,
 ) -> dict[str, float]:
     """Every reported metric of one evaluation pass.
 
@@ -171,13 +201,14 @@ def evaluate(
         targets: ``(N, C)`` 0/1 ground truth.
         groups: optional group name -> class indices, giving ``mAP_<name>`` entries.
         threshold: probability threshold of the F1 metrics.
+        ignore: optional ``(N, C)`` bool mask of entries excluded from AP and F1.
 
     Returns:
         ``mAP``, ``mAP_<group>`` for each group, ``CF1``, ``OF1``, ``CP``, ``CR``, ``OP``,
         ``OR``, all in percent.
     """
     s, t = _check_pair(scores, targets, ndim=2)
-    f1 = f1_scores(_sigmoid(s), t, threshold)
-    out = mean_ap(s, t, groups)
+    f1 = f1_scores(_sigmoid(s), t, threshold, ignore)
+    out = mean_ap(s, t, groups, ignore)
     out.update({key: f1[key] for key in ("CF1", "OF1", "CP", "CR", "OP", "OR")})
     return out

@@ -70,8 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "copies shipped in the package (.pkl/.npy through a restricted loader)")
     real.add_argument("--train-set", default="trainval", help="voc: training image set (trainval)")
     real.add_argument("--test-set", default="test", help="voc: test image set (test)")
-    real.add_argument("--voc-difficult", choices=("positive", "negative"), default="positive",
-                      help="VOC objects marked difficult count as positives (default) or not")
+    real.add_argument("--voc-difficult", choices=("positive", "negative", "ignore"),
+                      default="positive",
+                      help="VOC objects marked difficult count as positives (default), as "
+                           "negatives, or (ignore) as negatives in training and left out of "
+                           "evaluation's AP (the VOC07 protocol)")
     real.add_argument("--image-size", type=int, default=224, help="stored square side in px (224)")
     real.add_argument("--quality", type=int, default=90, help="stored JPEG quality (90)")
     real.add_argument("--workers", type=int, default=os.cpu_count() or 1,

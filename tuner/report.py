@@ -225,7 +225,8 @@ def per_class_table(exp: Experiment, split: str = "test") -> pd.DataFrame:
     data = PreparedData(exp.search["data_dir"])
     view = exp.space.view()
     setup = TrialSetup(method=exp.space.method, data_dir=str(data.root), view=view,
-                       max_epochs=exp.space.max_epochs, groups=data.groups(),
+                       max_epochs=exp.space.max_epochs,
+                       groups=data.groups(view if exp.space.data["groups"] == "observed" else None),
                        stats_from_clean=exp.space.data["class_stats"] == "clean")
     state = load_state_restricted(trial_checkpoint(exp, str(row["trial_id"])))
     cfg = train_config(config, setup)
@@ -236,6 +237,7 @@ def per_class_table(exp: Experiment, split: str = "test") -> pd.DataFrame:
     method.load_state_dict(state["best"].get("method") or state["method"])
     images, _ = load_split(data.shard_files(split), cfg.image_size)
     _, targets = data.true_labels(split)
+    ignore = data.ignore_mask(split)  # e.g. VOC07 difficult objects, left out of AP
     scores = predict(method, model, images, cfg.eval_batch_size, torch.device("cpu"))
     group_of = {c: g for g, members in setup.groups.items() for c in members}
     return pd.DataFrame({
@@ -244,7 +246,7 @@ def per_class_table(exp: Experiment, split: str = "test") -> pd.DataFrame:
         "group": [group_of.get(c, "") for c in range(data.num_classes)],
         "train_count": data.class_counts(None),
         "observed_count": data.class_counts(view),
-        "ap": 100.0 * per_class_ap(scores, targets),
+        "ap": 100.0 * per_class_ap(scores, targets, ignore),
     })
 
 

@@ -372,7 +372,7 @@ def prepare_data(space: Any, exp_dir: Path | None = None) -> tuple[Path, Any]:
         max_epochs=space.max_epochs,
         cpus_per_trial=float(res["cpus_per_trial"]),
         data_cpus=float(res["data_cpus"]),
-        groups=data.groups(),
+        groups=data.groups(view if space.data["groups"] == "observed" else None),
         stats_from_clean=space.data["class_stats"] == "clean",
         workers_per_trial=int(res["workers_per_trial"]),
         cpus_per_worker=float(res["cpus_per_worker"]),

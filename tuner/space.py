@@ -44,7 +44,7 @@ DOMAINS = ("uniform", "loguniform", "randint", "choice")
 SECTIONS = {
     "method": None,
     "data": {"benchmark": "digits-mlt", "data_dir": None, "label_regime": "clean", "rate": 0.0,
-             "seed": 0, "class_stats": "observed"},
+             "seed": 0, "class_stats": "observed", "groups": "benchmark"},
     "train": None,
     "params": None,
     "asha": {"max_epochs": 6, "grace_period": 2, "reduction_factor": 2},
@@ -264,6 +264,9 @@ def _check_settings(space: dict[str, dict[str, Any]], problems: list[str]) -> No
             problems.append(f"search.{key}: must be one of {'/'.join(options)}, "
                             f"got {search[key]!r}")
     _check_benchmark(space["data"], problems)
+    if space["data"]["groups"] not in ("benchmark", "observed"):
+        problems.append(f"data.groups: must be benchmark (the benchmark's true groups, DBL "
+                        f"protocol) or observed (PLT protocol), got {space['data']['groups']!r}")
     if space["data"]["class_stats"] not in ("observed", "clean"):
         problems.append(f"data.class_stats: must be observed or clean, "
                         f"got {space['data']['class_stats']!r}")

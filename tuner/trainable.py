@@ -157,12 +157,18 @@ def build_train_data(
     val_images, _ = load_split(data.shard_files("val"), cfg.image_size)
     _, val_targets = data.true_labels("val")
 
-    def batches(epoch: int, weights: Any) -> Any:
+    def batches(epoch: int, weights: Any, draws: int | None = None,
+                views: Mapping[str, Any] | None = None) -> Any:
         repeats = None
         if weights is not None:  # the same draw on every worker; each applies it to its shard
-            repeats = sample_repeats(weights, cfg.seed * 100003 + epoch)
+            repeats = sample_repeats(weights, cfg.seed * 100003 + epoch, draws)
+        rows = len(observed) if repeats is None else int(repeats.sum())
+        view_repeats = {  # dataset-level views: as many draws as the epoch's main rows
+            name: sample_repeats(w, cfg.seed * 100003 + epoch + 7919 * (k + 1), rows)
+            for k, (name, w) in enumerate(sorted((views or {}).items()))}
         source = stream.blocks(epoch) if isinstance(stream, EpochStream) else stream
-        return iter_train_batches(source, batch_size, repeats=repeats)
+        return iter_train_batches(source, batch_size, repeats=repeats,
+                                  views=view_repeats or None)
 
     stats = None
     if setup.stats_from_clean:  # oracle setting: statistics from the clean labels
@@ -177,6 +183,7 @@ def build_train_data(
         steps_per_epoch=math.ceil(len(observed) / (batch_size * world_size)),
         val_images=val_images,
         val_targets=val_targets,
+        val_ignore=data.ignore_mask("val"),
         groups=setup.groups,
     )
 
@@ -384,5 +391,6 @@ def evaluate_checkpoint(
     model.to(device)
     images, _ = load_split(data.shard_files(split), cfg.image_size)
     _, targets = data.true_labels(split)
-    metrics = evaluate(method, model, images, targets, setup.groups, cfg, device)
+    metrics = evaluate(method, model, images, targets, setup.groups, cfg, device,
+                       ignore=data.ignore_mask(split))
     return {"best_epoch": state["best"]["epoch"], **metrics}

@@ -280,8 +280,10 @@ def coco2014_missing_plan(options: Options) -> Plan:
 def voc2007_partial_plan(options: Options) -> Plan:
     """VOC-2007 trainval with CoNeS's candidate labels (rho 0.1/0.2/0.4); VOC-2007 test."""
     root, difficult = _voc_root(options), options.voc_difficult == "positive"
-    train = read_voc(root, "trainval", difficult=difficult)
-    test = read_voc(options.test_images or root, "test", difficult=difficult)
+    hard = options.voc_difficult == "ignore"
+    train = read_voc(root, "trainval", difficult=difficult, ignore_difficult=hard)
+    test = read_voc(options.test_images or root, "test", difficult=difficult,
+                    ignore_difficult=hard)
     views = []
     for rho in VOC07_RHOS:
         path = split_file(options, "voc2007_partial", f"voc07_{rho}.packed.npy", f"voc07_{rho}.npy")
@@ -310,9 +312,10 @@ def coco_plan(options: Options) -> Plan:
 def voc_plan(options: Options) -> Plan:
     """A user's VOC-format folder: Annotations XML + JPEGImages + ImageSets/Main."""
     root, difficult = _voc_root(options), options.voc_difficult == "positive"
-    train = read_voc(root, options.train_set, difficult=difficult)
+    hard = options.voc_difficult == "ignore"
+    train = read_voc(root, options.train_set, difficult=difficult, ignore_difficult=hard)
     test_root = options.test_images or root
-    test = read_voc(test_root, options.test_set, difficult=difficult)
+    test = read_voc(test_root, options.test_set, difficult=difficult, ignore_difficult=hard)
     return Plan("voc", list(read_voc_names()), _pool(train, root, ("",), options),
                 _pool(test, test_root, ("",), options), info={"voc_difficult": options.voc_difficult})
 
@@ -408,6 +411,7 @@ def prepare_real(benchmark: str, out: str | Path, options: Options) -> dict[str,
         owned=True,
     )
     _finish_manifest(staging, manifest, plan)
+    _write_ignore(staging, manifest, splits)
     if out.exists():
         remove_prepared(out)
         _rmdir_empty(out)  # folders of the user's stay, and so the staging copy beside them
@@ -517,6 +521,24 @@ def _finish_manifest(root: Path, manifest: dict[str, Any], plan: Plan) -> None:
                        root / rel)
         manifest["captions"] = rel
         manifest["checksums"][rel] = sha256_file(root / rel)
+    write_manifest(root, manifest)
+
+
+def _write_ignore(root: Path, manifest: dict[str, Any],
+                  splits: Mapping[str, LabelledImages]) -> None:
+    """``labels/ignore.parquet``: the "ignore" state of the evaluation splits' label entries
+    (VOC2007 difficult-only objects under ``--voc-difficult ignore``), keyed by image id;
+    written only when some entry of val or test is ignored. Training labels hold 0 there."""
+    parts = [(s, splits[s]) for s in ("val", "test")
+             if splits[s].ignore is not None and splits[s].ignore.any()]
+    if not parts:
+        return
+    tables = [labels_table(images.image_ids, images.ignore, split) for split, images in parts]
+    rel = "labels/ignore.parquet"
+    pq.write_table(pa.concat_tables(tables), root / rel)
+    manifest["ignore"] = {"file": rel, "source": "VOC difficult objects (--voc-difficult ignore)",
+                          "entries": {s: int(images.ignore.sum()) for s, images in parts}}
+    manifest["checksums"][rel] = sha256_file(root / rel)
     write_manifest(root, manifest)
 
 

@@ -46,6 +46,9 @@ class LabelledImages:
     image_ids: list[str]
     paths: list[str]
     labels: np.ndarray
+    #: optional ``(N, C)`` uint8: entries in the "ignore" state (label 0 in ``labels``, left
+    #: out of evaluation; VOC2007 difficult-only objects under ``ignore_difficult``)
+    ignore: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -53,7 +56,8 @@ class LabelledImages:
     def subset(self, mask: np.ndarray) -> LabelledImages:
         rows = np.flatnonzero(mask)
         return LabelledImages(
-            [self.image_ids[i] for i in rows], [self.paths[i] for i in rows], self.labels[rows]
+            [self.image_ids[i] for i in rows], [self.paths[i] for i in rows], self.labels[rows],
+            None if self.ignore is None else self.ignore[rows],
         )
 
 
@@ -174,7 +178,8 @@ def read_coco_instances(path: str | Path) -> tuple[LabelledImages, list[str]]:
 
 
 def read_voc(
-    root: str | Path, image_set: str, class_names: Sequence[str] = VOC_CLASSES, difficult: bool = True
+    root: str | Path, image_set: str, class_names: Sequence[str] = VOC_CLASSES,
+    difficult: bool = True, ignore_difficult: bool = False,
 ) -> LabelledImages:
     """A VOC folder's image set: ids from ImageSets/Main, labels from Annotations XML.
 
@@ -184,6 +189,10 @@ def read_voc(
         class_names: the class order (VOC's 20 classes by default).
         difficult: count objects marked difficult as positives (the usual multi-label VOC
             protocol); False ignores them.
+        ignore_difficult: a class present only through difficult objects gets label 0 and
+            the "ignore" state (``LabelledImages.ignore``), which evaluation leaves out of
+            that class's AP (the VOC07 protocol; a non-difficult object of the class makes
+            it a plain positive). Overrides ``difficult``.
     """
     root = Path(root)
     set_file = root / "ImageSets" / "Main" / f"{image_set}.txt"
@@ -192,6 +201,7 @@ def read_voc(
     column = {name: k for k, name in enumerate(class_names)}
     ids = [line.split()[0] for _, line in _lines(set_file)]
     labels = np.zeros((len(ids), len(class_names)), dtype=np.uint8)
+    hard = np.zeros_like(labels)
     for i, image_id in enumerate(ids):
         for name, is_difficult in _voc_objects(root / "Annotations" / f"{image_id}.xml"):
             if name not in column:
@@ -199,9 +209,12 @@ def read_voc(
                     f"{root / 'Annotations' / (image_id + '.xml')}: object {name!r} is not one "
                     f"of the {len(class_names)} classes"
                 )
-            if difficult or not is_difficult:
+            if is_difficult and ignore_difficult:
+                hard[i, column[name]] = 1
+            elif difficult or not is_difficult:
                 labels[i, column[name]] = 1
-    return LabelledImages(ids, [f"JPEGImages/{i}.jpg" for i in ids], labels)
+    ignore = (hard & (1 - labels)).astype(np.uint8) if ignore_difficult else None
+    return LabelledImages(ids, [f"JPEGImages/{i}.jpg" for i in ids], labels, ignore)
 
 
 def _voc_objects(path: Path) -> list[tuple[str, bool]]:

@@ -183,6 +183,8 @@ class PreparedData:
         """Check the checksums of the splits' shards and of the label tables."""
         rels = [r for s in splits for r in self.manifest["splits"][s]["shards"]]
         rels.append(self.manifest["labels"])
+        if self.manifest.get("ignore"):
+            rels.append(self.manifest["ignore"]["file"])
         rels += [v["file"] for v in self.manifest["views"].values()]
         verify_files(self.root, self.manifest, rels)
 
@@ -195,6 +197,28 @@ class PreparedData:
         if ids != sorted(ids) or len(ids) != self.manifest["splits"][split]["num_images"]:
             raise DataError(f"{self.root / self.manifest['labels']} does not match the manifest")
         return ids, table_labels(table)
+
+    def ignore_mask(self, split: str) -> np.ndarray | None:
+        """``(N, C)`` bool "ignore" state of a split's true labels (rows as
+        :meth:`true_labels`), or None when the benchmark has none (``manifest["ignore"]``,
+        e.g. VOC2007 difficult objects prepared with ``--voc-difficult ignore``)."""
+        entry = self.manifest.get("ignore")
+        if not entry:
+            return None
+        ids, labels = self.true_labels(split)
+        table = pq.read_table(self.root / entry["file"])
+        table = table.filter(np.asarray(table.column("split").to_pylist()) == split)
+        if not table.num_rows:
+            return None
+        row = {image_id: i for i, image_id in enumerate(ids)}
+        out = np.zeros(labels.shape, dtype=bool)
+        try:
+            rows = [row[i] for i in table.column("image_id").to_pylist()]
+        except KeyError as exc:
+            raise DataError(f"{self.root / entry['file']} names image {exc} that is not in the "
+                            f"{split} split; re-run `python -m tuner.prepare`") from None
+        out[rows] = table_labels(table) > 0
+        return out
 
     def view_labels(self, spec: ViewSpec) -> np.ndarray:
         """Observed ``(N_train, C)`` training labels of a view, generated and cached once."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -462,11 +462,11 @@ class EpochStream:
             raise RuntimeError(f"epoch {epoch} streamed {got} rows, expected {expected}")
 
 
-def sample_repeats(weights: np.ndarray, seed: int) -> np.ndarray:
+def sample_repeats(weights: np.ndarray, seed: int, draws: int | None = None) -> np.ndarray:
     """``(N,)`` multiplicities of one epoch drawn with replacement in proportion to ``weights``.
 
-    The epoch has the same number of draws as images (N), like PyTorch's
-    ``WeightedRandomSampler(weights, N, replacement=True)``; deterministic per ``seed``.
+    The epoch has ``draws`` draws (default: as many as images, N), like PyTorch's
+    ``WeightedRandomSampler(weights, draws, replacement=True)``; deterministic per ``seed``.
     """
     weights = np.asarray(weights, dtype=np.float64)
     if weights.ndim != 1 or not np.isfinite(weights).all() or (weights < 0).any():
@@ -474,8 +474,11 @@ def sample_repeats(weights: np.ndarray, seed: int) -> np.ndarray:
     total = weights.sum()
     if total <= 0:
         raise ValueError("sample weights sum to zero; at least one image needs a positive weight")
+    draws = len(weights) if draws is None else int(draws)
+    if draws < 1:
+        raise ValueError(f"an epoch needs at least one draw, got draws={draws}")
     rng = np.random.default_rng(seed)
-    return rng.multinomial(len(weights), weights / total).astype(np.int64)
+    return rng.multinomial(draws, weights / total).astype(np.int64)
 
 
 def iter_train_batches(
@@ -484,6 +487,7 @@ def iter_train_batches(
     shuffle_buffer: int = 512,
     prefetch: int = 2,
     repeats: np.ndarray | None = None,
+    views: Mapping[str, np.ndarray] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of ``{image: uint8 (B,3,S,S), index: int64 (B,)}`` torch batches.
 
@@ -500,33 +504,63 @@ def iter_train_batches(
     buffer concatenates and re-slices Arrow blocks, about 10% of an epoch here). Within a
     batch, rows are grouped by source block. ``shuffle_buffer=0`` keeps the dataset's order
     (rows are already permuted within each block by :func:`train_dataset`).
+
+    ``repeats`` (``(N,)`` multiplicities by image index, :func:`sample_repeats`) re-weights the
+    epoch. ``views`` maps a view name to its own ``(N,)`` multiplicities (a dataset-level
+    sampler of a method, e.g. COMIC's reversed and class-balanced views): every batch then
+    also carries ``<name>_image`` and ``<name>_index``, up to ``batch_size`` rows drawn from
+    that view's own shuffle buffer, so a view sees any image of the epoch, not only the
+    batch's. Batches are drawn once every buffer holds ``shuffle_buffer + batch_size`` rows;
+    at the end the main rows drain and each view gives what it has left (a view whose draws
+    ran out before the main rows, e.g. on one worker's shard, gives fewer or no rows;
+    leftover view rows are dropped). A repeated image carries the augmentation of its one
+    decode in this epoch.
     """
+    names = ["", *(views or {})]
+    mult = {"": repeats, **(views or {})}
     blocks: dict[int, dict[str, np.ndarray]] = {}
-    left: dict[int, int] = {}  # rows of each block not yielded yet
-    positions = np.empty((0, 2), dtype=np.int64)  # buffered (block id, row)
+    left: dict[int, int] = {}  # rows of each block not yielded yet (all views)
+    pools = {v: np.empty((0, 2), dtype=np.int64) for v in names}  # buffered (block id, row)
+
+    def gather(chosen: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        if not len(chosen):
+            return None, np.empty(0, dtype=np.int64)
+        chosen = chosen[np.argsort(chosen[:, 0], kind="stable")]
+        ids, first, counts = np.unique(chosen[:, 0], return_index=True, return_counts=True)
+        sample = blocks[int(ids[0])]["image"]
+        image = np.empty((len(chosen), *sample.shape[1:]), dtype=sample.dtype)
+        index = np.empty(len(chosen), dtype=np.int64)
+        for block_id, lo, count in zip(ids.tolist(), first.tolist(), counts.tolist()):
+            rows, block = chosen[lo : lo + count, 1], blocks[block_id]
+            np.take(block["image"], rows, axis=0, out=image[lo : lo + count], mode="clip")
+            index[lo : lo + count] = block["index"][rows]
+            left[block_id] -= count
+            if not left[block_id]:
+                del blocks[block_id], left[block_id]
+        return image, index
 
     def draw(final: bool) -> Iterator[dict[str, torch.Tensor]]:
-        nonlocal positions
-        total = len(positions)
-        emit = total if final else (total - shuffle_buffer) // batch_size * batch_size
-        if shuffle_buffer > 0:
-            positions = positions[np.random.permutation(total)]
-        taken, positions = positions[:emit], positions[emit:]
+        if final:
+            emit = len(pools[""])
+        else:
+            emit = min((len(p) - shuffle_buffer) // batch_size for p in pools.values())
+            emit *= batch_size
+        taken = {}
+        for v in names:
+            pool = pools[v]
+            if shuffle_buffer > 0:
+                pool = pool[np.random.permutation(len(pool))]
+            taken[v], pools[v] = pool[:emit], pool[emit:]
         for start in range(0, emit, batch_size):
-            chosen = taken[start : start + batch_size]
-            chosen = chosen[np.argsort(chosen[:, 0], kind="stable")]
-            ids, first, counts = np.unique(chosen[:, 0], return_index=True, return_counts=True)
-            sample = blocks[int(ids[0])]["image"]
-            image = np.empty((len(chosen), *sample.shape[1:]), dtype=sample.dtype)
-            index = np.empty(len(chosen), dtype=np.int64)
-            for block_id, lo, count in zip(ids.tolist(), first.tolist(), counts.tolist()):
-                rows, block = chosen[lo : lo + count, 1], blocks[block_id]
-                np.take(block["image"], rows, axis=0, out=image[lo : lo + count], mode="clip")
-                index[lo : lo + count] = block["index"][rows]
-                left[block_id] -= count
-                if not left[block_id]:
-                    del blocks[block_id], left[block_id]
-            yield {"image": torch.from_numpy(image), "index": torch.from_numpy(index)}
+            image, index = gather(taken[""][start : start + batch_size])
+            out = {"image": torch.from_numpy(image), "index": torch.from_numpy(index)}
+            for v in names[1:]:
+                v_image, v_index = gather(taken[v][start : start + batch_size])
+                if v_image is None:
+                    v_image = np.empty((0, *image.shape[1:]), dtype=image.dtype)
+                out[f"{v}_image"] = torch.from_numpy(v_image)
+                out[f"{v}_index"] = torch.from_numpy(v_index)
+            yield out
 
     if hasattr(dataset, "iter_batches"):
         batches = dataset.iter_batches(batch_size=None, batch_format="numpy",
@@ -537,15 +571,19 @@ def iter_train_batches(
         n = len(block["index"])
         if not n:
             continue
-        rows = np.arange(n, dtype=np.int64)
-        if repeats is not None:
-            rows = np.repeat(rows, repeats[np.asarray(block["index"], dtype=np.int64)])
-            if not len(rows):
-                continue
-        blocks[block_id], left[block_id] = block, len(rows)
-        n = len(rows)
-        positions = np.concatenate([positions, np.stack([np.full(n, block_id), rows], axis=1)])
-        if len(positions) >= shuffle_buffer + batch_size:
+        added = 0
+        for v in names:
+            rows = np.arange(n, dtype=np.int64)
+            if mult[v] is not None:
+                rows = np.repeat(rows, mult[v][np.asarray(block["index"], dtype=np.int64)])
+            if len(rows):
+                pos = np.stack([np.full(len(rows), block_id), rows], axis=1)
+                pools[v] = np.concatenate([pools[v], pos])
+                added += len(rows)
+        if not added:
+            continue
+        blocks[block_id], left[block_id] = block, added
+        if all(len(p) >= shuffle_buffer + batch_size for p in pools.values()):
             yield from draw(final=False)
-    if len(positions):
+    if len(pools[""]):
         yield from draw(final=True)
