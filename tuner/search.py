@@ -237,6 +237,9 @@ def start_ray(args: argparse.Namespace, space: Any) -> None:
     if address:
         context = ray.init(address=address)
         where = f"joined the Ray cluster at {address}"
+        from tuner.data.stream import keep_data_coordinator_here
+
+        keep_data_coordinator_here()  # on the head, not on a worker the autoscaler may stop
     else:
         num_cpus = local_cpus(space, args.num_cpus)
         port = free_port()
