@@ -397,3 +397,23 @@ def test_autoscaler_starts_gpu_workers_from_zero_and_releases_them(
             raise AssertionError(f"idle workers still up: {alive}, actors: {live_actors(address)}")
         time.sleep(1)
     assert alive[0].node_id == head.node_id
+
+
+def test_epoch_logged_twice_after_a_driver_restart_keeps_the_later_row() -> None:
+    """What a resumed search read back once (``result.json`` of a trial whose driver died
+    after logging epoch 1 but before saving the experiment state with its checkpoint): the
+    trial restarted from scratch, so epoch 1 came twice. trials.parquet and the leaderboard
+    keep the row of the run that went on."""
+    from types import SimpleNamespace
+
+    from tuner.search import epoch_frame
+
+    logged = pd.DataFrame({"epoch": [1, 1, 2], "training_iteration": [1, 1, 2],
+                           "pid": [22343, 24501, 24501], "val_mAP": [30.0, 31.0, 35.0]})
+    df = epoch_frame(SimpleNamespace(metrics_dataframe=logged))
+    assert df["epoch"].tolist() == [1, 2]
+    assert df["pid"].tolist() == [24501, 24501] and df["val_mAP"].tolist() == [31.0, 35.0]
+    resumed = pd.DataFrame({"epoch": [1, 2, 2, 3], "val_mAP": [30.0, 33.0, 34.0, 36.0]})
+    assert epoch_frame(SimpleNamespace(metrics_dataframe=resumed))["val_mAP"].tolist() == [
+        30.0, 34.0, 36.0]
+    assert epoch_frame(SimpleNamespace(metrics_dataframe=None)) is None
