@@ -257,6 +257,9 @@ def start_ray(args: argparse.Namespace, space: Any) -> None:
     if address:
         context = ray.init(address=address)
         where = f"joined the Ray cluster at {address}"
+        from tuner.data.stream import keep_data_coordinator_here
+
+        keep_data_coordinator_here()  # on the head, not on a worker the autoscaler may stop
     else:
         num_cpus = local_cpus(space, args.num_cpus)
         port = free_port()
@@ -494,11 +497,26 @@ def trial_status(result: Any, max_epochs: int) -> str:
     return "COMPLETE" if epoch >= max_epochs else "STOPPED"
 
 
+def epoch_frame(result: Any) -> Any:
+    """A trial's per-epoch results (Tune's ``metrics_dataframe``), one row per epoch.
+
+    A driver killed after Tune logged an epoch's result but before it saved the experiment
+    state with that epoch's checkpoint restarts the trial from its previous checkpoint on
+    resume, so the epoch is trained and logged again; the later row (of the run that went
+    on) is kept (tests/test_multinode.py).
+    """
+    df = result.metrics_dataframe
+    if df is None or not len(df) or "epoch" not in df:
+        return df
+    df = df.drop_duplicates("epoch", keep="last")
+    return df.sort_values("epoch", kind="stable").reset_index(drop=True)
+
+
 def leaderboard_rows(results: Any, space: Any) -> list[dict[str, Any]]:
     """One row per trial: config, best validation metrics (at its best epoch), epochs run."""
     rows = []
     for result in results:
-        df = result.metrics_dataframe
+        df = epoch_frame(result)
         row: dict[str, Any] = {
             "trial_id": (result.metrics or {}).get("trial_id", Path(result.path).name),
             "status": trial_status(result, space.max_epochs),
@@ -526,7 +544,7 @@ def write_outputs(results: Any, space: Any, setup: Any, exp_dir: Path, args: Any
 
     frames = []
     for result in results:
-        df = result.metrics_dataframe
+        df = epoch_frame(result)
         if df is not None and len(df):
             df = df.copy()
             df["trial_status"] = trial_status(result, space.max_epochs)

@@ -25,6 +25,7 @@ import io
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -193,6 +194,25 @@ def task_pool(data_cpus: float):  # -> ray.data.TaskPoolStrategy
     return ray.data.TaskPoolStrategy(size=max(1, math.ceil(2 * data_cpus)))
 
 
+def local_first() -> dict[str, Any]:
+    """Remote args that keep a trial's decode tasks on the trial's own node.
+
+    Ray Data's default (``SPREAD``) sends them to every node with a free CPU: on a cluster
+    (cluster.yaml) that is the head node, whose CPUs are meant for the drivers, and the decoded
+    images then cross the network to the trial. With a soft node affinity that may spill,
+    a task runs on the caller's node while it has a free CPU and elsewhere only when it has
+    none (tests/test_multinode.py checks that no decode task runs on the head).
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not ray.is_initialized():
+        return {}
+    node = ray.get_runtime_context().get_node_id()
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(
+        node, soft=True, _spill_on_unavailable=True)}
+
+
 def configure_data_context(data_cpus: float) -> None:
     """Set up this process's Ray Data executions for a trial.
 
@@ -217,6 +237,22 @@ def configure_data_context(data_cpus: float) -> None:
     ctx.op_resource_reservation_enabled = False
     ctx.use_datasource_v2 = False
     ctx.enable_progress_bars = False
+
+
+def keep_data_coordinator_here() -> None:
+    """Start Ray Data's autoscaling coordinator on this process's node (the head).
+
+    Ray Data 2.60 creates one detached actor per cluster (``AutoscalingCoordinator``) on the
+    node of the first execution that needs it, pinned there for good. Started by a trial,
+    it lands on a (spot) GPU worker, and a node that hosts a live actor is never idle: the
+    autoscaler then never releases that GPU node (tests/test_multinode.py). The search's
+    driver calls this once before any trial starts, so the actor lives on the head.
+    """
+    try:  # Ray Data's internals of Ray 2.60 (pyproject pins it)
+        from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
+    except ImportError:  # another Ray version without this actor: nothing to place
+        return
+    get_or_create_autoscaling_coordinator()
 
 
 @dataclass(frozen=True)
@@ -364,7 +400,8 @@ def epochs_dataset(
     epoch in ``epochs`` at once (:func:`plan_epochs`): each task is one ``(epoch, shard
     group)`` and tags its rows with the epoch. One execution pays Ray Data's
     start-up and end-of-epoch drain once instead of every epoch, and decodes the next epoch
-    while the loop validates and checkpoints.
+    while the loop validates and checkpoints. The tasks run on the caller's node while it
+    has free CPUs (:func:`local_first`).
 
     With ``world > 1`` this is rank ``rank``'s part of a multi-worker trial's stream: every
     rank runs its own execution over the same plan (same ``seed``) and decodes only its rows
@@ -382,6 +419,7 @@ def epochs_dataset(
         batch_size=None,
         zero_copy_batch=True,
         compute=task_pool(data_cpus),
+        **local_first(),
     )
 
 
