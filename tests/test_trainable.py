@@ -47,6 +47,7 @@ def test_worker_error_text_counts_as_deterministic(tmp_path: Path) -> None:
 
 def _space(**resources) -> object:
     return parse_space({"method": "bce", "search": {"num_trials": 8, "max_concurrent": "auto"},
+                        "train": {"lr": {"loguniform": [1e-4, 1e-2]}},  # something to tune
                         "resources": resources})
 
 
