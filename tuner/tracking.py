@@ -16,7 +16,8 @@ Both go through Ray Tune's own logger callbacks, which run on the driver:
 
 The one change to Ray's callbacks: the step of every metric is the trial's ``epoch``, not
 Tune's ``training_iteration``, which restarts from zero when a trial is relaunched from a
-checkpoint. A resumed search continues the same parent run and the same child runs
+checkpoint. (Without ``--track tensorboard`` Tune still adds its stock TBX logger when
+tensorboardX is installed, as it is with ``ray[tune]``: event files stepped by iteration.) A resumed search continues the same parent run and the same child runs
 (``tracking.json`` holds what was started). Both packages come with the ``track`` extra:
 ``pip install -e '.[track]'``.
 """
