@@ -59,6 +59,7 @@ def test_refused_mlflow_uri_is_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"--track mlflow=file:.*sqlite:///") as exc:
         tracking.Tracking.start([tracking.Track("mlflow", uri)], tmp_path / "exp", resume=False)
     assert "\n" not in str(exc.value)
+    assert not (tmp_path / "exp").exists()  # nothing written for a refused tracker
 
 
 def test_trial_dirname_is_id_and_number() -> None:

@@ -102,9 +102,9 @@ class Tracking:
         state: dict[str, Any] = {"tracks": dict(wanted)}
         if not wanted:
             return cls(exp_dir, state)
-        exp_dir.mkdir(parents=True, exist_ok=True)
         if "mlflow" in wanted:
             state["mlflow"] = _start_parent(exp_dir, wanted["mlflow"])
+        exp_dir.mkdir(parents=True, exist_ok=True)
         saved_file.write_text(json.dumps(state, indent=1))
         return cls(exp_dir, state)
 
@@ -183,6 +183,8 @@ def _start_parent(exp_dir: Path, uri: str | None) -> dict[str, str]:
     from mlflow.exceptions import MlflowException
 
     own = uri is None
+    if own:
+        exp_dir.mkdir(parents=True, exist_ok=True)  # the store lives in it
     uri = uri or default_mlflow_uri(exp_dir)
     name = exp_dir.name
     try:
