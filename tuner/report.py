@@ -513,7 +513,7 @@ def plot_efficiency(series: pd.DataFrame, out: Path) -> Path:
     axes[0].set(xlabel="epochs trained (all trials)", ylabel="best validation mAP so far (%)")
     axes[0].xaxis.get_major_locator().set_params(integer=True)
     axes[1].set(xlabel=f"{unit.upper()}-hours reserved (cost ledger)")
-    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].legend(fontsize=8, loc="best")
     fig.suptitle("did the tuner pay off? best-so-far validation mAP vs compute", fontsize=10)
     return save_figure(fig, out / "efficiency.png")
 
