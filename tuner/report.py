@@ -11,6 +11,13 @@ trial's checkpoint) and writes, inside the experiment directory::
     figures/parallel_coordinates.png hyperparameters vs best validation mAP
     figures/importance.png           Optuna's hyperparameter importance (its default evaluator)
     figures/long_tail.png            per-class AP vs training class frequency (best trial)
+    figures/efficiency.png   best-so-far validation mAP vs epochs trained and GPU-/CPU-hours,
+                             with the other searches of the same space (another sampler or
+                             scheduler, e.g. random search next to ASHA + TPE)
+    efficiency.csv           the numbers of that figure, one row per trained epoch
+
+A search that logged to MLflow (``--track mlflow``) also gets these files as artifacts of its
+parent run (``report/``).
 
 Costs are *reserved* resources times wall time, per trial: GPU-hours = ``gpus_per_trial`` x
 Tune's ``time_total_s``; CPU-hours = (``cpus_per_trial`` + ``data_cpus``) x ``time_total_s``
@@ -36,12 +43,15 @@ import pandas as pd
 
 from tuner.cli import run_cli
 from tuner.errors import ConfigError, DataError
+from tuner.tracking import log_report
 
 __all__ = [
     "Experiment",
     "asha_rungs",
     "build_report",
+    "comparable_experiments",
     "cost_ledger",
+    "efficiency_series",
     "load_experiment",
     "load_state_restricted",
     "pyplot",
@@ -138,9 +148,7 @@ def cost_ledger(exp: Experiment) -> tuple[pd.DataFrame, dict[str, float]]:
         ``epochs``, ``wall_s``, ``cpu_hours``, ``gpu_hours``); totals sum them and give
         ``stopped_share_gpu`` / ``stopped_share_cpu`` (NaN when nothing was spent).
     """
-    res = exp.space.resources
-    cpus = float(res["cpus_per_trial"]) + float(res["data_cpus"])
-    gpus = float(res["gpus_per_trial"])
+    cpus, gpus = _reserved(exp)
     last = exp.trials.sort_values("epoch").groupby("trial_id", sort=False).tail(1)
     status = exp.board.set_index("trial_id")["status"]
     table = pd.DataFrame({
@@ -162,6 +170,94 @@ def cost_ledger(exp: Experiment) -> tuple[pd.DataFrame, dict[str, float]]:
     totals["stopped_share_time"] = (
         float(table.loc[stopped, "wall_s"].sum()) / totals["wall_s"] if totals["wall_s"] else math.nan)
     return table, totals
+
+
+def _reserved(exp: Experiment) -> tuple[float, float]:
+    """CPUs and GPUs a trial reserves, as the cost ledger counts them."""
+    res = exp.space.resources
+    return float(res["cpus_per_trial"]) + float(res["data_cpus"]), float(res["gpus_per_trial"])
+
+
+def strategy(exp: Experiment) -> str:
+    """``sampler+scheduler`` of a search, e.g. ``tpe+asha`` or ``random+fifo``."""
+    return f"{exp.space.search['sampler']}+{exp.space.search['scheduler']}"
+
+
+def efficiency_series(exp: Experiment) -> pd.DataFrame:
+    """Best-so-far validation mAP of a search against the compute it had spent.
+
+    One row per trained epoch of any trial, in the order the epochs finished (Tune's
+    ``timestamp``): ``epochs_trained`` counts them, ``cpu_hours`` / ``gpu_hours`` add each
+    epoch's share of its trial's ``time_total_s`` times the reserved resources (so the last
+    row equals the cost ledger's totals), ``best_val_mAP`` is the running maximum of
+    ``val_mAP``.
+    """
+    cpus, gpus = _reserved(exp)
+    rows = exp.trials.copy()
+    rows["trial_id"] = rows["trial_id"].astype(str)
+    rows = rows.sort_values(["trial_id", "epoch", "time_total_s"], kind="stable")
+    spent = rows.groupby("trial_id")["time_total_s"].diff().fillna(rows["time_total_s"])
+    rows["wall_s"] = spent.clip(lower=0.0).astype(float)
+    order = ["timestamp", "time_total_s"] if "timestamp" in rows else ["time_total_s"]
+    rows = rows.sort_values(order, kind="stable").reset_index(drop=True)
+    return pd.DataFrame({
+        "experiment": exp.path.name,
+        "strategy": strategy(exp),
+        "trial_id": rows["trial_id"],
+        "epoch": rows["epoch"].astype(int),
+        "val_mAP": rows["val_mAP"].astype(float),
+        "epochs_trained": np.arange(1, len(rows) + 1),
+        "cpu_hours": (rows["wall_s"] * cpus / 3600.0).cumsum(),
+        "gpu_hours": (rows["wall_s"] * gpus / 3600.0).cumsum(),
+        "best_val_mAP": rows["val_mAP"].astype(float).cummax().ffill(),
+    })
+
+
+def space_difference(a: Experiment, b: Experiment) -> str | None:
+    """What keeps two searches from being runs of the same space (None: nothing).
+
+    Same space = same method, label view, benchmark, epoch budget and tuned parameters (the
+    names in their Optuna studies).
+    """
+    checks = {
+        "method": (a.space.method, b.space.method),
+        "label view": (a.search.get("view"), b.search.get("view")),
+        "benchmark": (a.space.data["benchmark"], b.space.data["benchmark"]),
+        "epoch budget": (a.space.max_epochs, b.space.max_epochs),
+        "tuned parameters": (sorted(tunable_columns(a, a.load_study())),
+                             sorted(tunable_columns(b, b.load_study()))),
+    }
+    for what, (x, y) in checks.items():
+        if x != y:
+            return f"{what} differs ({x} vs {y})"
+    return None
+
+
+def comparable_experiments(exp: Experiment, against: Sequence[str | Path] = ()) -> list[Experiment]:
+    """The searches to plot next to ``exp``: each ``against`` directory (it must be a search
+    of the same space), and every finished search in the same parent directory of the same
+    space whose sampler or scheduler differs from ``exp``'s."""
+    found: dict[Path, Experiment] = {}
+    for path in against:
+        other = load_experiment(path)
+        diff = space_difference(exp, other)
+        if diff is not None:
+            raise ConfigError(f"--against {path}: not a search of the same space as "
+                              f"{exp.path.name}: {diff}; pass a search of the same space")
+        found[other.path.resolve()] = other
+    for path in sorted(exp.path.resolve().parent.iterdir()):
+        if path == exp.path.resolve() or path in found or not all(
+                (path / name).is_file() for name in REQUIRED):
+            continue
+        try:
+            if json.loads((path / "search.json").read_text()).get("method") != exp.space.method:
+                continue
+            other = load_experiment(path)
+        except (DataError, ConfigError, ValueError, OSError):
+            continue  # not a readable search: not a sibling
+        if strategy(other) != strategy(exp) and space_difference(exp, other) is None:
+            found[path] = other
+    return list(found.values())
 
 
 def tunable_columns(exp: Experiment, study: Any) -> dict[str, Any]:
@@ -404,6 +500,27 @@ def plot_long_tail(table: pd.DataFrame, split: str, out: Path) -> Path:
     return save_figure(fig, out / "long_tail.png")
 
 
+def plot_efficiency(series: pd.DataFrame, out: Path) -> Path:
+    """Best-so-far validation mAP vs epochs trained and vs GPU-hours (CPU-hours without GPUs),
+    one step line per search; the search reported first is drawn thicker."""
+    plt = pyplot()
+    unit = "gpu" if series["gpu_hours"].max() > 0 else "cpu"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for i, (name, rows) in enumerate(series.groupby("experiment", sort=False)):
+        label = f"{name} ({rows['strategy'].iloc[0]})"
+        for ax, x in zip(axes, ("epochs_trained", f"{unit}_hours")):
+            ax.step(rows[x], rows["best_val_mAP"], where="post", lw=2.4 if i == 0 else 1.4,
+                    label=label)
+            ax.plot(rows[x].iloc[-1], rows["best_val_mAP"].iloc[-1], "o", ms=4,
+                    color=ax.lines[-1].get_color())
+    axes[0].set(xlabel="epochs trained (all trials)", ylabel="best validation mAP so far (%)")
+    axes[0].xaxis.get_major_locator().set_params(integer=True)
+    axes[1].set(xlabel=f"{unit.upper()}-hours reserved (cost ledger)")
+    axes[0].legend(fontsize=8, loc="best")
+    fig.suptitle("did the tuner pay off? best-so-far validation mAP vs compute", fontsize=10)
+    return save_figure(fig, out / "efficiency.png")
+
+
 def save_figure(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -498,9 +615,13 @@ def _pct(value: float) -> str:
     return "n/a (nothing spent)" if math.isnan(value) else f"{100 * value:.1f}%"
 
 
-def build_report(path: str | Path, split: str = "test", per_class: bool = True) -> Path:
-    """Write ``report.html``, ``cost.csv``, ``per_class_ap.csv`` and the figures; return the page."""
+def build_report(path: str | Path, split: str = "test", per_class: bool = True,
+                 against: Sequence[str | Path] = ()) -> Path:
+    """Write ``report.html``, ``cost.csv``, ``per_class_ap.csv``, ``efficiency.csv`` and the
+    figures; return the page. ``against``: other searches of the same space to compare with
+    (those next to it are found by themselves, see :func:`comparable_experiments`)."""
     exp = load_experiment(path)
+    others = comparable_experiments(exp, against)
     out = exp.path / "figures"
     out.mkdir(exist_ok=True)
     study = exp.load_study()
@@ -511,6 +632,13 @@ def build_report(path: str | Path, split: str = "test", per_class: bool = True) 
     figures = [("Learning curves", plot_learning_curves(exp, out)),
                ("Parallel coordinates", plot_parallel_coordinates(exp, study, out)),
                ("Hyperparameter importance", plot_importance(values, note, out))]
+    series = pd.concat([efficiency_series(e) for e in [exp, *others]], ignore_index=True)
+    series.to_csv(exp.path / "efficiency.csv", index=False)
+    figures.append(("Best-so-far validation mAP vs compute", plot_efficiency(series, out)))
+    notes.append("efficiency: " + (
+        "compared with " + ", ".join(f"{e.path.name} ({strategy(e)})" for e in others)
+        if others else "no other search of the same space next to this one (a random-search "
+        "baseline: --sampler random --scheduler fifo with the same --out; or --against DIR)"))
     if per_class:
         table = per_class_table(exp, split)
         table.to_csv(exp.path / "per_class_ap.csv", index=False)
@@ -522,6 +650,13 @@ def build_report(path: str | Path, split: str = "test", per_class: bool = True) 
              "leaderboard": leaderboard_rows(exp, costs)}
     page = exp.path / "report.html"
     page.write_text(render_html(exp, parts))
+    written = [page, exp.path / "cost.csv", exp.path / "efficiency.csv",
+               *(p for _, p in figures if p is not None)]
+    if per_class:
+        written.append(exp.path / "per_class_ap.csv")
+    run_id = log_report(exp.path, written)
+    if run_id is not None:
+        print(f"MLflow: report logged on parent run {run_id}")
     return page
 
 
@@ -532,6 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split of the per-class AP figure (default test)")
     p.add_argument("--no-per-class", action="store_true",
                    help="skip the per-class figure (it loads the best checkpoint)")
+    p.add_argument("--against", action="append", default=[], metavar="EXPERIMENT_DIR",
+                   help="another search of the same space for the efficiency figure "
+                        "(repeatable; searches next to this one are found by themselves)")
     return p
 
 
@@ -539,7 +677,7 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.split not in ("val", "test"):
         raise ConfigError(f"--split must be val or test, got {args.split!r}")
-    print(build_report(args.experiment, args.split, not args.no_per_class))
+    print(build_report(args.experiment, args.split, not args.no_per_class, args.against))
     return 0
 
 

@@ -31,6 +31,8 @@ from typing import Any
 
 from tuner.cli import run_cli
 from tuner.errors import ConfigError
+from tuner.tracking import FILES as TRACKING_FILES
+from tuner.tracking import Tracking, parse_track
 
 OBJECTIVE = "val_mAP"
 #: CPU share of a multi-worker trial's driver function (it only waits on its Train run)
@@ -76,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="join a running Ray cluster (e.g. auto) instead of starting one")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of a local cluster (see README)")
     p.add_argument("--no-test", action="store_true", help="skip scoring the best model on test")
+    p.add_argument("--track", action="append", type=parse_track, metavar="TRACKER",
+                   help="experiment tracker: tensorboard, mlflow or mlflow=URI (repeatable; "
+                        "needs the track extra, see tuner/tracking.py)")
     return p
 
 
@@ -288,17 +293,18 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0  # finished: reported, nothing re-run or re-scored
     exp_dir, resume = experiment_dir(args)
     data_dir, setup = prepare_data(space, exp_dir)
+    tracking = Tracking.start(args.track, exp_dir, resume)
     start_ray(args, space)
     experiment.write_record(exp_dir, space)
-    results = run_search(space, setup, exp_dir, resume=resume)
+    results = run_search(space, setup, exp_dir, resume=resume, callbacks=tracking.callbacks())
     rows = write_outputs(results, space, setup, exp_dir, args, data_dir)
     print(format_leaderboard(rows))
-    if not args.no_test:
-        best = best_result(results)
-        if best is not None:
-            test = score_test(best, setup, space)
-            (exp_dir / "test_metrics.json").write_text(json.dumps(test, indent=1))
-            print(f"best trial {best.metrics['trial_id']} on test: " + _fmt_metrics(test))
+    best, test = best_result(results), None
+    if not args.no_test and best is not None:
+        test = score_test(best, setup, space)
+        (exp_dir / "test_metrics.json").write_text(json.dumps(test, indent=1))
+        print(f"best trial {best.metrics['trial_id']} on test: " + _fmt_metrics(test))
+    tracking.finish(best.metrics if best is not None else None, test)
     experiment.mark_finished(exp_dir, results, space, tested=not args.no_test)
     print(f"experiment directory: {exp_dir}")
     return 0
@@ -336,7 +342,7 @@ def experiment_dir(args: argparse.Namespace) -> tuple[Path, bool]:
 
 #: what a search writes before Tune saves its first trial state
 _FIRST_FILES = {"experiment.json", "optuna.db", "optuna.db-journal", "tuner.pkl",
-                ".validate_storage_marker"}
+                ".validate_storage_marker", *TRACKING_FILES}
 
 
 def _stopped_at_start(exp_dir: Path) -> bool:
@@ -385,8 +391,12 @@ def prepare_data(space: Any, exp_dir: Path | None = None) -> tuple[Path, Any]:
     return data_dir, setup
 
 
-def run_search(space: Any, setup: Any, exp_dir: Path, resume: bool = False) -> Any:
-    """Run (or, with ``resume``, continue) the Tune experiment; returns the ResultGrid."""
+def run_search(space: Any, setup: Any, exp_dir: Path, resume: bool = False,
+               callbacks: Sequence[Any] = ()) -> Any:
+    """Run (or, with ``resume``, continue) the Tune experiment; returns the ResultGrid.
+
+    ``callbacks`` (trackers) join a new search; a resumed one restores those it started with.
+    """
     import ray
     from ray import tune
 
@@ -428,13 +438,14 @@ def run_search(space: Any, setup: Any, exp_dir: Path, resume: bool = False) -> A
             scheduler=build_scheduler(space),
             num_samples=search["num_trials"],
             max_concurrent_trials=concurrency(space, cluster),
+            trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=exp_dir.name,
             storage_path=str(exp_dir.parent),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=search["max_failures"]),
-            callbacks=[progress],
+            callbacks=[progress, *callbacks],
             verbose=1,
         ),
     )
@@ -465,6 +476,13 @@ def build_scheduler(space: Any) -> Any:
         grace_period=asha["grace_period"],
         reduction_factor=asha["reduction_factor"],
     )
+
+
+def trial_dirname(trial: Any) -> str:
+    """``train_trial_<trial id>_<number>``: Tune's default name without the ~200 characters of
+    hyperparameters and the timestamp (the configuration is in leaderboard.csv)."""
+    number = str(trial.experiment_tag).split("_", 1)[0] or "0"
+    return f"train_trial_{trial.trial_id}_{number}"
 
 
 def _progress_callback(experiment: str, max_epochs: int) -> Any:
@@ -521,6 +539,7 @@ def leaderboard_rows(results: Any, space: Any) -> list[dict[str, Any]]:
             "trial_id": (result.metrics or {}).get("trial_id", Path(result.path).name),
             "status": trial_status(result, space.max_epochs),
             "config": json.dumps(result.config, sort_keys=True),
+            "trial_dir": Path(result.path).name,
         }
         if df is not None and OBJECTIVE in df and len(df):
             best = df.loc[df[OBJECTIVE].idxmax()]
