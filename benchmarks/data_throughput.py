@@ -212,7 +212,7 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=args.cpus + 1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.cpus + 1, include_dashboard=False, log_to_driver=False)
     try:
         configure_data_context(args.cpus)
         results = [(size, *bench_size(files, size, args)) for size in args.image_size]

@@ -139,7 +139,7 @@ def main() -> None:
         mb = sum(os.path.getsize(f) for f in files) / 2**20
         print(f"wrote {args.images} {args.image_size}px JPEGs ({mb:.0f} MB, {len(files)} shards) "
               f"in {time.perf_counter() - t0:.0f} s")
-        ray.init(num_cpus=args.data_cpus + 1, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.data_cpus + 1, include_dashboard=False, log_to_driver=False)
         try:
             configure_data_context(args.data_cpus)
             stream = EpochStream(

@@ -83,7 +83,8 @@ def main() -> None:
 
     from tuner import search
 
-    ray.init(num_cpus=max(os.cpu_count() or 1, 2 * args.concurrency), include_dashboard=True,
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 2 * args.concurrency),
+             include_dashboard=True,
              dashboard_host="127.0.0.1", dashboard_port=search.free_port())
     idle = Sampler()
     idle.start()

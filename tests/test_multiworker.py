@@ -32,7 +32,7 @@ def experiment(tmp_path_factory: pytest.TempPathFactory, kill_session_module) ->
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         yield _run_search(tmp_path_factory, kill_session_module)
     finally:
