@@ -240,7 +240,7 @@ def start_ray(args: argparse.Namespace, space: Any) -> None:
     else:
         num_cpus = local_cpus(space, args.num_cpus)
         port = free_port()
-        context = ray.init(num_cpus=num_cpus, include_dashboard=True,
+        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
                            dashboard_host="127.0.0.1", dashboard_port=port,
                            runtime_env={"env_vars": state_api_env(port)})
         where = f"local Ray cluster: {num_cpus} logical CPUs"
