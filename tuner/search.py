@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="experiment (and Optuna study) name; default METHOD-TIMESTAMP")
     p.add_argument("--address", help="join a running Ray cluster (e.g. auto) instead of starting one")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of a local cluster (see README)")
+    p.add_argument("--repeats", type=int, metavar="K",
+                   help="re-train the top configurations with K new seeds after the search and "
+                        "pick by mean val mAP (search.repeats; default 0: off)")
+    p.add_argument("--repeats-top", type=int, metavar="N",
+                   help="how many of the best configurations --repeats re-trains (default 3)")
     p.add_argument("--no-test", action="store_true", help="skip scoring the best model on test")
     return p
 
@@ -94,6 +99,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         ("resources", "cpus_per_worker"): args.cpus_per_worker,
         ("resources", "gpus_per_worker"): args.gpus_per_worker,
         ("search", "max_failures"): args.max_failures,
+        ("search", "repeats"): args.repeats,
+        ("search", "repeats_top"): args.repeats_top,
         ("data", "data_dir"): args.data_dir,
     }
     if args.benchmark is not None:
@@ -266,7 +273,11 @@ def _main(argv: Sequence[str] | None) -> int:
     results = run_search(space, setup, exp_dir, resume=resume)
     rows = write_outputs(results, space, setup, exp_dir, args, data_dir)
     print(format_leaderboard(rows))
-    if not args.no_test:
+    if space.search["repeats"]:  # re-train the top configurations with K seeds, pick by mean
+        from tuner.repeats import repeat_top_configs
+
+        repeat_top_configs(rows, space, setup, exp_dir, test=not args.no_test)
+    elif not args.no_test:
         best = best_result(results)
         if best is not None:
             test = score_test(best, setup, space)

@@ -1,9 +1,10 @@
 """The Ray Tune function trainable: one trial = the shared loop on one or several workers.
 
-This and :mod:`tuner.search` are the only modules that import Ray Tune. A trial builds its
-method, model and data from the trial ``config`` (``{"train": {...}, "method": {...}}``) and the
-search-wide :class:`TrialSetup`, restores from its own checkpoint when relaunched, and reports
-``epoch`` plus validation metrics after every epoch with a checkpoint of the full state.
+This, :mod:`tuner.search` and :mod:`tuner.repeats` are the only modules that import Ray
+Tune. A trial builds its method, model and data from the trial ``config`` (``{"train":
+{...}, "method": {...}}``) and the search-wide :class:`TrialSetup`, restores from its own
+checkpoint when relaunched, and reports ``epoch`` plus validation metrics after every epoch
+with a checkpoint of the full state.
 
 * **One worker** (``workers_per_trial == 1``): the loop runs in the Tune function itself,
   streaming all its epochs from one Ray Data execution (:class:`tuner.data.stream.EpochStream`:
