@@ -27,8 +27,11 @@ from tuner.data.corruption import ViewSpec
 from tuner.data.prepared import PreparedData
 from tuner.data.stream import (
     Decoder,
+    EpochStream,
     _in_planned_order,
     _ReadShuffleDecode,
+    configure_data_context,
+    epochs_dataset,
     iter_train_batches,
     plan_epochs,
 )
@@ -106,6 +109,32 @@ def test_a_task_decodes_the_same_pixels_from_its_plan(digits_dir: Path) -> None:
     assert not np.array_equal(first["index"], np.sort(first["index"]))  # permuted
     other = udf({**batch, "split_seed": np.asarray([item["split_seed"] + 1], dtype=object)})
     assert not np.array_equal(first["image"], other["image"])
+
+
+@pytest.mark.integration
+def test_the_stream_delivers_an_epochs_tasks_in_planned_order(digits_dir: Path,
+                                                              ray_local: None) -> None:
+    """Many small tasks through Ray Data (two decode tasks at once): each epoch's rows and
+    pixels equal the plan's tasks decoded one after the other in this process."""
+    files = PreparedData(digits_dir).shard_files("train")
+    configure_data_context(1)
+    plan = plan_epochs(files, IMAGE_SIZE, range(2), rows_per_task=64, seed=5)
+    rows = {e: [p["rows"] for p in plan if p["epoch"] == e] for e in range(2)}
+    assert len(rows[0]) >= 8
+    stream = EpochStream(lambda epochs: epochs_dataset(
+        files, IMAGE_SIZE, "shift", epochs, rows_per_task=64, seed=5), rows.__getitem__, 2)
+    udf = _ReadShuffleDecode(Decoder(IMAGE_SIZE, "shift"), 64)
+    try:
+        for epoch in range(2):
+            blocks = list(stream.blocks(epoch))
+            expected = [udf({key: np.asarray([p[key]], dtype=object)
+                             for key in ("epoch", "part", "files", "split_seed")})
+                        for p in plan if p["epoch"] == epoch]
+            for key in ("index", "image"):
+                np.testing.assert_array_equal(np.concatenate([b[key] for b in blocks]),
+                                              np.concatenate([e[key] for e in expected]))
+    finally:
+        stream.close()
 
 
 # ---------------------------------------------------------------- the loop on the real stream
