@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 import methods
 from methods.bce import BCE
@@ -22,7 +21,7 @@ from methods.registry import _REGISTRY
 from tuner import compare
 from tuner.errors import ConfigError
 from tuner.prepare import parse_view
-from tuner.space import parse_space, to_yaml
+from tuner.space import parse_space
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = ROOT / "search_spaces"
@@ -71,26 +70,10 @@ def test_every_method_gets_the_same_budget() -> None:
         assert space.tunables(), f"{space.method}: the method's own domains must be kept"
 
 
-def _best_config(tmp_path: Path, seed: int = 0) -> Path:
-    space = parse_space(yaml.safe_load((SPACES / "bce.yaml").read_text()), "bce.yaml", "bce")
-    config = {"train": {"lr": 1e-3, "weight_decay": 1e-4, "seed": seed}, "method": {}}
-    path = tmp_path / "best_config.yaml"
-    path.write_text(to_yaml(space.fixed_config(config)))
-    return path
-
-
-def test_seed_spaces_change_only_the_training_seed(tmp_path: Path) -> None:
-    best = _best_config(tmp_path, seed=4)
-    seeds = compare.retrain_seeds(best, 3)
-    assert seeds == [5, 6, 7]
-    for seed in seeds:
-        raw = compare.seed_space(best, seed)
-        space = parse_space(raw, "seed.yaml", "bce")
-        assert not space.tunables() and space.search["num_trials"] == 1
-        assert space.train == {"lr": 1e-3, "weight_decay": 1e-4, "seed": seed}
-    (tmp_path / "space.yaml").write_text((SPACES / "bce.yaml").read_text())
-    with pytest.raises(ConfigError, match="still has domains"):
-        compare.seed_space(tmp_path / "space.yaml", 1)
+def test_each_search_retrains_its_best_configuration_with_the_seeds() -> None:
+    """compare uses the search's repeats (tuner.repeats): K seeds of its best configuration."""
+    space = parse_space(compare.method_space("bce", _settings(seeds=3), SPACES), "bce", "bce")
+    assert (space.search["repeats"], space.search["repeats_top"]) == (3, 1)
 
 
 def test_aggregate_is_mean_and_sample_std() -> None:
@@ -113,15 +96,21 @@ def _finished_piece(path: Path, metrics: dict[str, float]) -> None:
     (path / "test_metrics.json").write_text(json.dumps(metrics))
 
 
+def _searched_with_repeats(path: Path, runs: list[tuple[int, int, float]]) -> None:
+    """A finished search whose repeats.csv holds ``(rank, seed, test mAP)`` runs; rank 2 won."""
+    _finished_piece(path, {"mAP": 0.0})
+    (path / "search.json").write_text(json.dumps({"repeats": {"winner_rank": 2}}))
+    pd.DataFrame([{"rank": rank, "seed": seed, "status": "COMPLETE", "test_mAP": v,
+                   "test_mAP_head": v + 1, "test_mAP_medium": v - 1, "test_mAP_tail": v - 10}
+                  for rank, seed, v in runs]).to_csv(path / "repeats.csv", index=False)
+
+
 def test_results_table_markdown_and_figure(tmp_path: Path) -> None:
     settings = _settings(seeds=2)
-    runs = {"bce": [(1, 40.0), (2, 44.0)], "hill": [(1, 50.0), (2, 51.0)]}
+    runs = {"bce": [(2, 1, 40.0), (2, 2, 44.0), (1, 1, float("nan"))],  # rank 1: not scored
+            "hill": [(2, 1, 50.0), (2, 2, 51.0)]}
     for name, pieces in runs.items():
-        for seed, value in pieces:
-            _finished_piece(tmp_path / "seeds" / name / f"seed{seed}",
-                            {"mAP": value, "mAP_head": value + 1, "mAP_medium": value - 1,
-                             "mAP_tail": value - 10, "best_epoch": 3})
-    (tmp_path / "seeds" / "bce" / "seed1.yaml").write_text("not a run")
+        _searched_with_repeats(tmp_path / "searches" / name, pieces)
     status = {"bce": "done", "hill": "done", "cones": "skipped: designed for candidate labels"}
     table = compare.write_results(tmp_path, ["bce", "hill", "cones"], status, settings)
     saved = pd.read_csv(tmp_path / "comparison.csv").set_index("method")

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
@@ -44,12 +45,14 @@ def _run_search(tmp_path_factory: pytest.TempPathFactory, kill_session_module) -
     tmp = tmp_path_factory.mktemp("multiworker")
     space = yaml.safe_load((ROOT / "search_spaces/bce.yaml").read_text())
     space["asha"] = {"max_epochs": 2, "grace_period": 1, "reduction_factor": 3}
-    # ASHA must stop a trial whatever the (nondeterministic) batch order: one learning rate
-    # that trains and one that leaves the model at its initialisation; sampler seed 2 draws
-    # them as (train, train, untrained), so the third trial falls below the rung's cutoff.
+    # One learning rate that trains and one that leaves the model at its initialisation
+    # (the only domain); sampler seed 6 draws them as (train, train, untrained): the third
+    # trial falls below the rung's cutoff, and the first two are the same configuration and
+    # seed, which must train identically (deterministic trials, issue 18).
     space["data"].update(label_regime="clean", rate=0.0)
     space["train"]["lr"] = {"choice": [3.0e-3, 1.0e-9]}
-    space["search"].update(num_trials=3, max_concurrent=1, seed=2, n_startup_trials=3)
+    space["train"]["weight_decay"] = 1.0e-4
+    space["search"].update(num_trials=3, max_concurrent=1, seed=6, n_startup_trials=3)
     space["resources"].update(workers_per_trial=2, cpus_per_worker=1, data_cpus=1)
     path = tmp / "bce.yaml"
     path.write_text(yaml.safe_dump(space))
@@ -88,3 +91,16 @@ def test_the_train_runs_are_named_after_the_trials_and_score_on_test(experiment:
     assert set(trials["trial_id"]) <= runs
     test = json.loads((experiment / "test_metrics.json").read_text())
     assert 0 <= test["mAP"] <= 100
+
+
+def test_two_trials_of_one_configuration_train_identically(experiment: Path) -> None:
+    """Two 2-worker trials (gloo) of the same configuration and ``train.seed``, run one after
+    the other with different trial ids: the same metrics at every epoch."""
+    trials = pd.read_parquet(experiment / "trials.parquet")
+    same = [rows.sort_values("epoch") for _, rows in trials.groupby("trial_id")
+            if rows["config/train/lr"].iloc[0] == 3.0e-3]
+    assert len(same) == 2, "the test needs two trials of the trained configuration"
+    a, b = same
+    assert list(a["epoch"]) == list(b["epoch"]) == [1, 2]
+    for key in ("train_loss", "val_mAP", "val_mAP_tail", "val_CF1", "best_val_mAP"):
+        np.testing.assert_array_equal(a[key].to_numpy(), b[key].to_numpy(), err_msg=key)

@@ -7,16 +7,16 @@ Example (embedded DigitsMLT, missing labels)::
 
 For every method this runs one search (:func:`tuner.search.main`, the same code path as
 ``python -m tuner.search``) from ``search_spaces/<method>.yaml`` with the *same* benchmark,
-label view, trial count, epoch budget, ASHA settings, sampler seed and resources, then
-retrains the best configuration with ``--seeds`` new training seeds (the search's
-``best_config.yaml`` with ``train.seed`` replaced, one trial each) and scores each on the test
-split. Methods whose ``regimes`` exclude the label regime, or without a space file, are skipped
+label view, trial count, epoch budget, ASHA settings, sampler seed and resources; the search
+itself then retrains its best configuration with ``--seeds`` new training seeds and scores
+each on the test split (``search.repeats: K`` with ``repeats_top: 1``, :mod:`tuner.repeats`:
+the same machinery as ``python -m tuner.search --repeats K``). Methods whose ``regimes`` exclude the label regime, or without a space file, are skipped
 with the reason. Writes into ``OUT/NAME/``::
 
     compare.json                 the settings (a resumed run must use the same ones)
     spaces/<method>.yaml         the space each search ran
-    searches/<method>/           each search's experiment directory (+ its report.html)
-    seeds/<method>/seed<k>/      each retraining run (a one-trial search directory)
+    searches/<method>/           each search's experiment directory (+ its report.html), with
+                                 the seed retrainings in repeats/ and repeats.csv
     seeds.csv                    test metrics of every retraining run
     comparison.csv / .md / .html mean and sample standard deviation over seeds
     figures/comparison.png       test mAP (total/head/medium/tail) per method, seeds as dots
@@ -32,7 +32,6 @@ import argparse
 import html
 import json
 import math
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -47,7 +46,7 @@ import yaml
 from tuner.cli import run_cli
 from tuner.errors import ConfigError
 
-__all__ = ["Settings", "aggregate", "main", "method_space", "plan", "seed_space"]
+__all__ = ["Settings", "aggregate", "main", "method_space", "plan", "seed_rows"]
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("mAP", "mAP_head", "mAP_medium", "mAP_tail")
@@ -135,30 +134,12 @@ def method_space(name: str, settings: Settings, spaces_dir: Path) -> dict[str, A
     raw["asha"] = {"max_epochs": settings.epochs, "grace_period": settings.grace_period,
                    "reduction_factor": settings.reduction_factor}
     raw["search"] = {**(raw.get("search") or {}), "num_trials": settings.trials,
-                     "max_concurrent": settings.concurrency, "seed": settings.search_seed}
+                     "max_concurrent": settings.concurrency, "seed": settings.search_seed,
+                     "repeats": settings.seeds, "repeats_top": 1}
     raw["resources"] = {"cpus_per_trial": settings.cpus_per_trial,
                         "gpus_per_trial": settings.gpus_per_trial, "data_cpus": settings.data_cpus}
     parse_space(raw, str(path), name)
     return raw
-
-
-def seed_space(best_config: Path, seed: int) -> dict[str, Any]:
-    """A search's ``best_config.yaml`` with ``train.seed`` = ``seed`` (one trial, no domains)."""
-    from tuner.space import parse_space
-
-    raw = yaml.load(best_config.read_text(), Loader=yaml.SafeLoader) or {}
-    raw["train"] = {**(raw.get("train") or {}), "seed": int(seed)}
-    raw["search"] = {**(raw.get("search") or {}), "num_trials": 1, "max_concurrent": 1}
-    if parse_space(raw, str(best_config)).tunables():
-        raise ConfigError(f"{best_config} still has domains; it is not a best_config.yaml")
-    return raw
-
-
-def retrain_seeds(best_config: Path, count: int) -> list[int]:
-    """``count`` training seeds that differ from the one the search used."""
-    raw = yaml.load(best_config.read_text(), Loader=yaml.SafeLoader) or {}
-    used = int((raw.get("train") or {}).get("seed", 0))
-    return [used + 1 + k for k in range(count)]
 
 
 # ---------------------------------------------------------------------------- running
@@ -193,32 +174,32 @@ def run_piece(method: str, space: dict[str, Any], space_file: Path, exp: Path,
 
 def run_method(name: str, settings: Settings, root: Path, spaces_dir: Path,
                num_cpus: int | None) -> str:
-    """The search and the seed retrainings of one method; returns a status line."""
+    """The search (with its seed retrainings) of one method; returns a status line."""
     space = method_space(name, settings, spaces_dir)
     exp = root / "searches" / name
     code = run_piece(name, space, root / "spaces" / f"{name}.yaml", exp, num_cpus)
     if code != 0 or not (exp / "best_config.yaml").is_file():
         return f"failed: search exited with {code}" if code else "failed: no trial finished"
-    best = exp / "best_config.yaml"
-    for seed in retrain_seeds(best, settings.seeds):
-        piece = root / "seeds" / name / f"seed{seed}"
-        code = run_piece(name, seed_space(best, seed), piece.with_suffix(".yaml"), piece,
-                         num_cpus)
-        if code != 0:
-            return f"failed: seed {seed} exited with {code}"
     return "done"
 
 
 # ---------------------------------------------------------------------------- results
 def seed_rows(root: Path, name: str) -> list[dict[str, Any]]:
-    """Test metrics of every finished retraining run of ``name``."""
-    rows = []
-    for exp in sorted((root / "seeds" / name).glob("seed*")):
-        if re.fullmatch(r"seed\d+", exp.name) and (exp / "test_metrics.json").is_file():
-            test = json.loads((exp / "test_metrics.json").read_text())
-            rows.append({"method": name, "seed": int(exp.name.removeprefix("seed")),
-                         **{k: float(test.get(k, math.nan)) for k in METRICS}})
-    return rows
+    """Test metrics of every finished retraining run of ``name``'s chosen configuration
+    (its search's ``repeats.csv``, rows of the winner in ``search.json``)."""
+    from tuner.repeats import CSV
+
+    exp = root / "searches" / name
+    if not (exp / CSV).is_file() or not (exp / "search.json").is_file():
+        return []
+    winner = (json.loads((exp / "search.json").read_text()).get("repeats") or {}).get("winner_rank")
+    table = pd.read_csv(exp / CSV)
+    if winner is None or "test_mAP" not in table:
+        return []
+    table = table[(table["rank"] == winner) & table["test_mAP"].notna()]
+    return [{"method": name, "seed": int(row["seed"]),
+             **{k: float(row.get(f"test_{k}", math.nan)) for k in METRICS}}
+            for _, row in table.iterrows()]
 
 
 def aggregate(seeds: pd.DataFrame) -> pd.DataFrame:

@@ -98,9 +98,27 @@ def peak_rss_mb() -> float:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (model initialisation, methods)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def deterministic_torch(enabled: bool = True) -> None:
+    """Make torch pick deterministic algorithms in this process (or allow any again).
+
+    On CPU every op used by the shipped methods has a deterministic kernel. On GPU cuBLAS
+    needs ``CUBLAS_WORKSPACE_CONFIG`` (set here unless already set; it is read when the
+    first cuBLAS handle is created) and cuDNN's autotuner is off; an op without a
+    deterministic CUDA kernel warns instead of failing the trial (``warn_only``).
+    """
+    import os
+
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = False
 
 
 def build_optimizer(
@@ -290,6 +308,7 @@ def fit(
     device: torch.device | None = None,
     dist: Any | None = None,
     started_at: float | None = None,
+    deterministic: bool = True,
 ) -> dict[str, Any]:
     """Train for ``cfg.max_epochs`` epochs (or until the reporter stops the process).
 
@@ -307,11 +326,15 @@ def fit(
             it as ``method.dist``); None for one worker.
         started_at: ``time.time()`` when the trial (or its relaunch) started; every report then
             carries ``startup_time``, the seconds from then to the first training step.
+        deterministic: run torch with deterministic algorithms (:func:`deterministic_torch`).
+            With batches that depend only on ``(cfg.seed, epoch)`` (the trials' stream), a
+            run's metrics then depend only on its configuration and ``cfg.seed``.
 
     Returns:
         The last state (with ``best`` holding the best validation metrics and weights).
     """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    deterministic_torch(deterministic)
     seed_everything(cfg.seed)
     targets = data.train_targets.float()
     if dist is not None:

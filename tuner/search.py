@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="experiment (and Optuna study) name; default METHOD-TIMESTAMP")
     p.add_argument("--address", help="join a running Ray cluster (e.g. auto) instead of starting one")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of a local cluster (see README)")
+    p.add_argument("--repeats", type=int, metavar="K",
+                   help="re-train the top configurations with K new seeds after the search and "
+                        "pick by mean val mAP (search.repeats; default 0: off)")
+    p.add_argument("--repeats-top", type=int, metavar="N",
+                   help="how many of the best configurations --repeats re-trains (default 3)")
     p.add_argument("--no-test", action="store_true", help="skip scoring the best model on test")
     p.add_argument("--track", action="append", type=parse_track, metavar="TRACKER",
                    help="experiment tracker: tensorboard, mlflow or mlflow=URI (repeatable; "
@@ -101,6 +106,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         ("resources", "cpus_per_worker"): args.cpus_per_worker,
         ("resources", "gpus_per_worker"): args.gpus_per_worker,
         ("search", "max_failures"): args.max_failures,
+        ("search", "repeats"): args.repeats,
+        ("search", "repeats_top"): args.repeats_top,
         ("data", "data_dir"): args.data_dir,
     }
     if args.benchmark is not None:
@@ -268,7 +275,7 @@ def start_ray(args: argparse.Namespace, space: Any) -> None:
     else:
         num_cpus = local_cpus(space, args.num_cpus)
         port = free_port()
-        context = ray.init(num_cpus=num_cpus, include_dashboard=True,
+        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
                            dashboard_host="127.0.0.1", dashboard_port=port,
                            runtime_env={"env_vars": state_api_env(port)})
         where = f"local Ray cluster: {num_cpus} logical CPUs"
@@ -300,7 +307,13 @@ def _main(argv: Sequence[str] | None) -> int:
     rows = write_outputs(results, space, setup, exp_dir, args, data_dir)
     print(format_leaderboard(rows))
     best, test = best_result(results), None
-    if not args.no_test and best is not None:
+    if space.search["repeats"]:  # re-train the top configurations with K seeds, pick by mean
+        from tuner.repeats import repeat_top_configs
+
+        repeat_top_configs(rows, space, setup, exp_dir, test=not args.no_test)
+        if (exp_dir / "test_metrics.json").is_file():
+            test = json.loads((exp_dir / "test_metrics.json").read_text())
+    elif not args.no_test and best is not None:
         test = score_test(best, setup, space)
         (exp_dir / "test_metrics.json").write_text(json.dumps(test, indent=1))
         print(f"best trial {best.metrics['trial_id']} on test: " + _fmt_metrics(test))

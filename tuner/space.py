@@ -9,7 +9,7 @@ A space file has these sections (see ``search_spaces/*.yaml``)::
     asha:      {max_epochs, grace_period, reduction_factor}
     search:    {num_trials, max_concurrent (an integer or auto), seed, n_startup_trials,
                 max_failures, sampler (tpe | random), scheduler (asha | fifo),
-                stopped_trials (pruned | complete)}
+                stopped_trials (pruned | complete), repeats, repeats_top}
     resources: {cpus_per_trial, gpus_per_trial, data_cpus, workers_per_trial, cpus_per_worker,
                 gpus_per_worker}
 
@@ -50,7 +50,7 @@ SECTIONS = {
     "asha": {"max_epochs": 6, "grace_period": 2, "reduction_factor": 2},
     "search": {"num_trials": 8, "max_concurrent": 2, "seed": 0, "n_startup_trials": None,
                "max_failures": 2, "sampler": "tpe", "scheduler": "asha",
-               "stopped_trials": "pruned"},
+               "stopped_trials": "pruned", "repeats": 0, "repeats_top": 3},
     "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "data_cpus": 1,
                   "workers_per_trial": 1, "cpus_per_worker": 1, "gpus_per_worker": 0},
 }
@@ -123,7 +123,7 @@ class SearchSpace:
         out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.raw.items()}
         out["train"] = dict(config.get("train", {}))
         out["params"] = dict(config.get("method", {}))
-        out["search"] = {**self.search, "num_trials": 1, "max_concurrent": 1}
+        out["search"] = {**self.search, "num_trials": 1, "max_concurrent": 1, "repeats": 0}
         return out
 
 
@@ -240,6 +240,7 @@ def _check_settings(space: dict[str, dict[str, Any]], problems: list[str]) -> No
             ("asha.reduction_factor", asha["reduction_factor"], 2),
             ("search.num_trials", search["num_trials"], 1),
             ("search.seed", search["seed"], 0), ("search.max_failures", search["max_failures"], 0),
+            ("search.repeats", search["repeats"], 0), ("search.repeats_top", search["repeats_top"], 1),
             ("resources.workers_per_trial", res["workers_per_trial"], 1)]
     if search["max_concurrent"] != "auto":
         ints.append(("search.max_concurrent", search["max_concurrent"], 1))

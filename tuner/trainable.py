@@ -1,9 +1,10 @@
 """The Ray Tune function trainable: one trial = the shared loop on one or several workers.
 
-This and :mod:`tuner.search` are the only modules that import Ray Tune. A trial builds its
-method, model and data from the trial ``config`` (``{"train": {...}, "method": {...}}``) and the
-search-wide :class:`TrialSetup`, restores from its own checkpoint when relaunched, and reports
-``epoch`` plus validation metrics after every epoch with a checkpoint of the full state.
+This, :mod:`tuner.search` and :mod:`tuner.repeats` are the only modules that import Ray
+Tune. A trial builds its method, model and data from the trial ``config`` (``{"train":
+{...}, "method": {...}}``) and the search-wide :class:`TrialSetup`, restores from its own
+checkpoint when relaunched, and reports ``epoch`` plus validation metrics after every epoch
+with a checkpoint of the full state.
 
 * **One worker** (``workers_per_trial == 1``): the loop runs in the Tune function itself,
   streaming all its epochs from one Ray Data execution (:class:`tuner.data.stream.EpochStream`:
@@ -14,8 +15,8 @@ search-wide :class:`TrialSetup`, restores from its own checkpoint when relaunche
   data-parallel (:mod:`tuner.distributed`: gradients averaged every step, per-sample method
   state merged with ``method.dist``). Each worker streams its own share of every epoch
   (:func:`tuner.data.stream.epochs_dataset` with ``rank``/``world``: one Ray Data execution
-  per worker for all epochs, the epochs planned alike on every rank from a seed derived
-  from the trial id, each task's rows dealt out by a shared permutation), so the shards are
+  per worker for all epochs, the epochs planned alike on every rank from ``train.seed``,
+  each task's rows dealt out by a shared permutation), so the shards are
   disjoint and equal to within a row per task. This replaced Train's
   ``streaming_split`` (its coordinator actor and a pipeline start every epoch: 2-worker
   start-up went from 25 s to 17-18 s here); ``train.batch_size`` stays the *global* batch
@@ -24,6 +25,13 @@ search-wide :class:`TrialSetup`, restores from its own checkpoint when relaunche
   Rank 0 saves the checkpoint; ``TuneReportCallback`` forwards rank 0's metrics, with the
   Train checkpoint's path as ``checkpoint_path``. A relaunched trial's Train run restores
   from its own latest checkpoint.
+
+**Deterministic trials**: a trial's metrics depend on its configuration and ``train.seed``
+only (not on the trial id, Ray's scheduling or a relaunch): the model is initialised from the
+seed, every epoch's plan (shard order, task groups, in-task permutation, augmentation draws,
+the rank split) comes from ``(train.seed, epoch)``, the stream delivers each epoch's tasks in
+their planned order, the shuffle buffer draws from ``(train.seed, epoch)``, and torch runs with
+deterministic algorithms (:func:`tuner.loop.deterministic_torch`).
 
 Deterministic failures (a non-finite loss, a bad configuration or data) are recorded in the
 trial directory (``fatal_error.txt``) so Tune's retries re-raise them at once instead of
@@ -37,7 +45,6 @@ import math
 import os
 import tempfile
 import time
-import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,11 +68,13 @@ from tuner.data.stream import (
     sample_repeats,
 )
 from tuner.errors import ConfigError, DataError, NonFiniteLossError, TunerError
-from tuner.loop import TrainConfig, TrainData, evaluate, fit
+from tuner.loop import TrainConfig, TrainData, evaluate, fit, seed_everything
 from tuner.monitoring import quiet_ray_console, trial_metrics
 
 STATE_FILE = "state.pt"
 FATAL_FILE = "fatal_error.txt"
+#: third seed word of the shuffle buffer's generator (the plan uses ``[seed, epoch]``)
+SHUFFLE_STREAM = 1
 #: errors that a retry would only repeat
 DETERMINISTIC = (NonFiniteLossError, ConfigError, DataError)
 
@@ -167,8 +176,9 @@ def build_train_data(
             name: sample_repeats(w, cfg.seed * 100003 + epoch + 7919 * (k + 1), rows)
             for k, (name, w) in enumerate(sorted((views or {}).items()))}
         source = stream.blocks(epoch) if isinstance(stream, EpochStream) else stream
+        rng = np.random.default_rng([cfg.seed, epoch, SHUFFLE_STREAM])  # a resumed epoch alike
         return iter_train_batches(source, batch_size, repeats=repeats,
-                                  views=view_repeats or None)
+                                  views=view_repeats or None, rng=rng)
 
     stats = None
     if setup.stats_from_clean:  # oracle setting: statistics from the clean labels
@@ -190,6 +200,7 @@ def build_train_data(
 
 def _method_and_model(config: Mapping[str, Any], setup: TrialSetup, cfg: TrainConfig,
                       data: PreparedData) -> tuple[Any, Any, torch.Tensor]:
+    seed_everything(cfg.seed)  # the model's initial weights come from train.seed
     observed = torch.from_numpy(data.view_labels(setup.view)).float()
     method = create_method(setup.method, config.get("method", {}),
                            task_info(data, setup, len(observed)))
@@ -198,10 +209,12 @@ def _method_and_model(config: Mapping[str, Any], setup: TrialSetup, cfg: TrainCo
 
 
 def _epoch_stream(data: PreparedData, cfg: TrainConfig, setup: TrialSetup, rank: int = 0,
-                  world: int = 1, seed: int | None = None) -> EpochStream:
+                  world: int = 1) -> EpochStream:
     """A trial's training epochs as one Ray Data execution: the whole stream (one worker)
     or rank ``rank``'s disjoint share of it (``world`` workers, each with the trial's
-    ``data_cpus / world``; every rank plans the epochs alike from the shared ``seed``)."""
+    ``data_cpus / world``). Every rank plans the epochs alike from ``train.seed``, and the
+    stream delivers each epoch's tasks in their planned order."""
+    seed = cfg.seed
     data_cpus = setup.data_cpus / world
     configure_data_context(data_cpus)
     augment = data.manifest["image"].get("augment", "flip")
@@ -211,10 +224,10 @@ def _epoch_stream(data: PreparedData, cfg: TrainConfig, setup: TrialSetup, rank:
         return epochs_dataset(files, cfg.image_size, augment, epochs, data_cpus=data_cpus,
                               seed=seed, rank=rank, world=world)
 
-    rows = dict.fromkeys(range(cfg.max_epochs), 0)  # this rank's rows of every epoch
+    rows: dict[int, list[int]] = {e: [] for e in range(cfg.max_epochs)}  # per planned task
     for item in plan_epochs(files, cfg.image_size, range(cfg.max_epochs), seed=seed,
                             rank=rank, world=world):
-        rows[item["epoch"]] += item["rows"]
+        rows[item["epoch"]].append(item["rows"])
     return EpochStream(make, rows.__getitem__, cfg.max_epochs)
 
 
@@ -335,9 +348,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     cfg = train_config(config, setup)
     data = PreparedData(setup.data_dir)
     method, model, observed = _method_and_model(config, setup, cfg, data)
-    # every rank plans the same epochs from this seed and decodes its own share of each
-    seed = cfg.seed * 2**32 + zlib.crc32(str(loop_config["trial_id"]).encode())
-    stream = _epoch_stream(data, cfg, setup, rank, world, seed)
+    # every rank plans the same epochs from train.seed and decodes its own share of each
+    stream = _epoch_stream(data, cfg, setup, rank, world)
     per_worker = max(1, math.ceil(cfg.batch_size / world))
     train_data = build_train_data(setup, cfg, data, observed, stream, per_worker, world)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +53,9 @@ class Decoder:
         image_size: output side S (images are resized when they differ).
         augment: ``"none"``, ``"shift"`` (random translation by up to S/12 pixels, for
             digits) or ``"flip"`` (shift plus horizontal flip, for natural images).
-        seed: seed of the augmentation generator (None: fresh entropy per batch).
+        seed: seed of the augmentation generator when :meth:`transform` is given none
+            (None: fresh entropy per batch). The training streams pass a generator seeded
+            from the epoch plan instead (:func:`plan_epochs`).
 
     8-bit grey and RGB PNGs (what ``tuner.data.shards`` writes) decode with libpng through
     ``torchvision.io.decode_png``, and a batch of grey images is resized and augmented on one
@@ -108,13 +110,15 @@ class Decoder:
         self.transform(encoded, out)
         return {"image": out, "index": np.asarray(batch["index"], dtype=np.int64)}
 
-    def transform(self, encoded: Sequence[bytes], out: np.ndarray) -> None:
-        """Decode + augment ``encoded`` into ``out`` (``(B, 3, S, S)`` uint8) in place."""
+    def transform(self, encoded: Sequence[bytes], out: np.ndarray,
+                  rng: np.random.Generator | None = None) -> None:
+        """Decode + augment ``encoded`` into ``out`` (``(B, 3, S, S)`` uint8) in place;
+        the augmentation draws come from ``rng`` (default: a generator from ``seed``)."""
         images = self.decode(encoded)
         if self.augment == "none":
             out[...] = images  # grey (B, 1, S, S) broadcasts to three channels
         else:
-            self._augment(images, np.random.default_rng(self.seed), out)
+            self._augment(images, rng if rng is not None else np.random.default_rng(self.seed), out)
 
     def _augment(self, images: np.ndarray, rng: np.random.Generator, out: np.ndarray) -> None:
         """Zero-padded random shift by up to ``pad`` pixels (+ horizontal flip for "flip").
@@ -257,19 +261,25 @@ def keep_data_coordinator_here() -> None:
 
 @dataclass(frozen=True)
 class _ShuffleDecode:
-    """Fused read-task UDF: permute the block's rows, then decode them in chunks."""
+    """Fused read-task UDF: permute the block's rows, then decode them in chunks.
+
+    The permutation and the augmentation draw from ``rng`` (default: fresh entropy, as in
+    :func:`train_dataset`; the trials' stream passes a generator seeded from its plan).
+    """
 
     decoder: Decoder
     chunk_rows: int
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray],
+                 rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+        rng = rng if rng is not None else np.random.default_rng()
         n, size = len(batch["index"]), self.decoder.image_size
-        order = np.random.permutation(n)
+        order = rng.permutation(n)
         encoded = np.asarray(batch["image"], dtype=object)[order]
         out = np.empty((n, 3, size, size), dtype=np.uint8)
         step = max(1, self.chunk_rows)
         for i in range(0, n, step):
-            self.decoder.transform(encoded[i : i + step], out[i : i + step])
+            self.decoder.transform(encoded[i : i + step], out[i : i + step], rng)
         return {"image": out, "index": np.asarray(batch["index"], dtype=np.int64)[order]}
 
 
@@ -314,7 +324,8 @@ def train_dataset(
 @dataclass(frozen=True)
 class _ReadShuffleDecode:
     """UDF of :func:`epochs_dataset`: read one task's shards, keep this rank's rows, permute,
-    decode, tag the epoch."""
+    decode and augment (draws seeded by the task's ``split_seed`` and the rank), tag the epoch
+    and the task's ``part`` (its place in the epoch's plan)."""
 
     decoder: Decoder
     chunk_rows: int
@@ -322,8 +333,9 @@ class _ReadShuffleDecode:
     world: int = 1
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, index, epoch = [], [], []
-        for e, files, split_seed in zip(batch["epoch"], batch["files"], batch["split_seed"]):
+        images, index, epoch, part = [], [], [], []
+        for e, k, files, split_seed in zip(batch["epoch"], batch["part"], batch["files"],
+                                           batch["split_seed"]):
             tables = [pq.read_table(str(f), columns=["index", "image"]) for f in files]
             encoded = [b for t in tables for b in t.column("image").to_pylist()]
             rows = np.concatenate([t.column("index").to_numpy() for t in tables])
@@ -331,12 +343,15 @@ class _ReadShuffleDecode:
                 mine = np.random.default_rng(int(split_seed)).permutation(len(rows))
                 mine = np.sort(mine[self.rank :: self.world])
                 encoded, rows = [encoded[i] for i in mine], rows[mine]
-            out = _ShuffleDecode(self.decoder, self.chunk_rows)({"image": encoded, "index": rows})
+            rng = np.random.default_rng([int(split_seed), self.rank])
+            out = _ShuffleDecode(self.decoder, self.chunk_rows)({"image": encoded, "index": rows},
+                                                                rng)
             images.append(out["image"])
             index.append(out["index"])
             epoch.append(np.full(len(rows), int(e), dtype=np.int64))
+            part.append(np.full(len(rows), int(k), dtype=np.int64))
         return {"image": np.concatenate(images), "index": np.concatenate(index),
-                "epoch": np.concatenate(epoch)}
+                "epoch": np.concatenate(epoch), "part": np.concatenate(part)}
 
 
 def plan_epochs(
@@ -348,14 +363,17 @@ def plan_epochs(
     rank: int = 0,
     world: int = 1,
 ) -> list[dict]:
-    """The tasks of :func:`epochs_dataset`: ``{epoch, files, split_seed, rows}`` per task.
+    """The tasks of :func:`epochs_dataset`: ``{epoch, part, files, split_seed, rows}`` per task.
 
     Each epoch puts the shards in a random order and groups them into tasks of about
-    ``rows_per_task`` rows. With ``world > 1`` each task's rows are dealt to the ranks by a
+    ``rows_per_task`` rows; ``part`` numbers an epoch's tasks from 0 (the order in which
+    :class:`EpochStream` delivers them), and ``split_seed`` also seeds the task's in-block
+    permutation and augmentation draws. With ``world > 1`` each task's rows are dealt to the ranks by a
     permutation that every rank draws alike (``split_seed``), so the ranks' rows are
     disjoint and their counts differ by at most one per task; ``rows`` is this rank's share.
     The plan of an epoch depends only on ``(seed, epoch)`` (a resumed worker plans its
-    epochs as the others do), which is why several ranks need the same, explicit ``seed``.
+    epochs as the others do), which is why several ranks need the same, explicit ``seed``;
+    trials always pass one (``train.seed``), so a trial's epochs are the same in every run.
     """
     files = [str(f) for f in files]
     if not files:
@@ -372,9 +390,9 @@ def plan_epochs(
     for epoch in epochs:
         rng = shared if shared is not None else np.random.default_rng([seed, int(epoch)])
         order = rng.permutation(len(files))
-        for group in np.array_split(order, tasks):
+        for part, group in enumerate(np.array_split(order, tasks)):
             n = sum(counts[i] for i in group)
-            items.append({"epoch": int(epoch), "files": [files[i] for i in group],
+            items.append({"epoch": int(epoch), "part": part, "files": [files[i] for i in group],
                           "split_seed": int(rng.integers(2**62)),
                           "rows": len(range(rank, n, world))})
     return items
@@ -424,30 +442,40 @@ def epochs_dataset(
 
 
 class EpochStream:
-    """Consecutive epochs' decoded blocks from one Ray Data execution.
+    """Consecutive epochs' decoded blocks from one Ray Data execution, in the planned order.
 
     Blocks arrive in completion order, so a block of epoch ``e + 1`` may come before the
     last of epoch ``e``: it is kept aside (with Ray Data's backpressure, at most a few
     blocks) until its epoch is asked for. :meth:`blocks` yields exactly the rows of one
-    epoch (counted against the shards' row count), so every image appears once per epoch
-    as with a per-epoch execution. Epochs must be asked for in order; asking for another
-    one (a resumed trial starts later) starts a new execution from that epoch.
+    epoch (counted against the plan), so every image appears once per epoch as with a
+    per-epoch execution. Epochs must be asked for in order; asking for another one (a
+    resumed trial starts later) starts a new execution from that epoch.
+
+    **Order.** When the plan gives each epoch's rows per task (``rows_per_epoch`` returns a
+    sequence, indexed by the tasks' ``part`` tags, :func:`plan_epochs`), blocks are delivered
+    in that order whatever order they finish in: a task that finishes early waits (in this
+    process) until the tasks planned before it are delivered. What a trial trains on then
+    depends on its plan (``(seed, epoch)``) only, not on Ray's scheduling. ``ordered=False``
+    delivers in arrival order (the cost comparison of ``benchmarks/determinism_cost.py``).
 
     Args:
         make_dataset: ``epochs -> ray.data.Dataset`` (e.g. :func:`epochs_dataset` bound to
             the shards), called with ``range(first, last_epoch)``.
         rows_per_epoch: training rows of one epoch, or ``epoch -> rows`` where they differ
-            per epoch (a rank's share of a split stream, :func:`plan_epochs`).
+            per epoch, or ``epoch -> [rows of part 0, rows of part 1, ...]`` (this rank's
+            rows of each planned task) for delivery in the planned order.
         last_epoch: the epoch budget (exclusive end).
+        ordered: deliver the parts in their planned order (when the plan gives them).
     """
 
-    def __init__(self, make_dataset, rows_per_epoch: int | Callable[[int], int],
-                 last_epoch: int, prefetch: int = 2) -> None:
+    def __init__(self, make_dataset, rows_per_epoch: int | Callable[[int], int | Sequence[int]],
+                 last_epoch: int, prefetch: int = 2, ordered: bool = True) -> None:
         self.make_dataset = make_dataset
         self._rows = rows_per_epoch if callable(rows_per_epoch) else (
             lambda epoch, n=int(rows_per_epoch): n)
         self.last_epoch = int(last_epoch)
         self.prefetch = prefetch
+        self.ordered = ordered
         self.next_epoch: int | None = None
         self._it: Iterator[dict[str, np.ndarray]] | None = None
         self._stash: dict[int, list[dict[str, np.ndarray]]] = {}
@@ -466,14 +494,20 @@ class EpochStream:
         self._it = None
 
     def blocks(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        """The blocks (``image``, ``index``) of ``epoch``, in arrival order."""
+        """The blocks (``image``, ``index``) of ``epoch``, in planned (or arrival) order."""
         if self._it is None or epoch != self.next_epoch:
             self._start(epoch)
         self.next_epoch = epoch + 1
-        return self._epoch(epoch)
+        plan = self._rows(epoch)
+        if isinstance(plan, (int, np.integer)):
+            return _strip(self._arrivals(epoch, int(plan)))
+        parts = [int(n) for n in plan]
+        pieces = self._arrivals(epoch, sum(parts))
+        return _strip(_in_planned_order(pieces, parts) if self.ordered else pieces)
 
-    def _epoch(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        got, expected = 0, int(self._rows(epoch))
+    def _arrivals(self, epoch: int, expected: int) -> Iterator[dict[str, np.ndarray]]:
+        """The rows of ``epoch`` in arrival order (rows of later epochs are kept aside)."""
+        got = 0
         for block in self._stash.pop(epoch, []):
             got += len(block["index"])
             yield block
@@ -489,7 +523,7 @@ class EpochStream:
             tags = np.asarray(block["epoch"], dtype=np.int64)
             for e in np.unique(tags).tolist():
                 part = block if (tags == e).all() else {k: v[tags == e] for k, v in block.items()}
-                part = {"image": part["image"], "index": part["index"]}
+                part = {k: v for k, v in part.items() if k != "epoch"}
                 if e == epoch:
                     got += len(part["index"])
                     yield part
@@ -498,6 +532,47 @@ class EpochStream:
                 # e < epoch: rest of an epoch the consumer abandoned; dropped
         if got > expected:
             raise RuntimeError(f"epoch {epoch} streamed {got} rows, expected {expected}")
+
+
+def _strip(pieces: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    for piece in pieces:
+        yield {"image": piece["image"], "index": piece["index"]}
+
+
+def _in_planned_order(pieces: Iterable[dict[str, np.ndarray]],
+                      rows: Sequence[int]) -> Iterator[dict[str, np.ndarray]]:
+    """Re-order one epoch's ``part``-tagged pieces (arrival order) into part order.
+
+    ``rows[k]`` is the number of rows of part ``k``; the pieces of one part keep their
+    arrival order (a task's blocks arrive in the order it produced them). A piece waits
+    until every part before its own is complete.
+    """
+    left, waiting, current = list(rows), {}, 0
+
+    def ready() -> Iterator[dict[str, np.ndarray]]:
+        nonlocal current
+        while current < len(left):
+            for piece in waiting.pop(current, []):
+                left[current] -= len(piece["index"])
+                yield piece
+            if left[current] > 0:
+                return
+            if left[current] < 0:
+                raise RuntimeError(f"part {current} of the epoch streamed more rows than planned")
+            current += 1
+
+    for piece in pieces:
+        if "part" not in piece:
+            raise RuntimeError("the stream's blocks carry no `part` tag; the planned order "
+                               "needs epochs_dataset's blocks (or ordered=False)")
+        tags = np.asarray(piece["part"], dtype=np.int64)
+        for k in np.unique(tags).tolist():
+            waiting.setdefault(k, []).append(
+                piece if (tags == k).all() else {n: v[tags == k] for n, v in piece.items()})
+        yield from ready()
+    yield from ready()
+    if waiting or current < len(left):
+        raise RuntimeError(f"the epoch's parts {sorted(waiting)} did not match its plan")
 
 
 def sample_repeats(weights: np.ndarray, seed: int, draws: int | None = None) -> np.ndarray:
@@ -526,6 +601,7 @@ def iter_train_batches(
     prefetch: int = 2,
     repeats: np.ndarray | None = None,
     views: Mapping[str, np.ndarray] | None = None,
+    rng: np.random.Generator | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of ``{image: uint8 (B,3,S,S), index: int64 (B,)}`` torch batches.
 
@@ -552,10 +628,13 @@ def iter_train_batches(
     at the end the main rows drain and each view gives what it has left (a view whose draws
     ran out before the main rows, e.g. on one worker's shard, gives fewer or no rows;
     leftover view rows are dropped). A repeated image carries the augmentation of its one
-    decode in this epoch.
+    decode in this epoch. The buffers' draws come from ``rng`` (default: NumPy's global
+    generator); with a seeded ``rng`` and blocks in a fixed order (:class:`EpochStream`) the
+    batches are the same in every run.
     """
     names = ["", *(views or {})]
     mult = {"": repeats, **(views or {})}
+    permutation = rng.permutation if rng is not None else np.random.permutation
     blocks: dict[int, dict[str, np.ndarray]] = {}
     left: dict[int, int] = {}  # rows of each block not yielded yet (all views)
     pools = {v: np.empty((0, 2), dtype=np.int64) for v in names}  # buffered (block id, row)
@@ -587,7 +666,7 @@ def iter_train_batches(
         for v in names:
             pool = pools[v]
             if shuffle_buffer > 0:
-                pool = pool[np.random.permutation(len(pool))]
+                pool = pool[permutation(len(pool))]
             taken[v], pools[v] = pool[:emit], pool[emit:]
         for start in range(0, emit, batch_size):
             image, index = gather(taken[""][start : start + batch_size])
