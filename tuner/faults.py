@@ -267,17 +267,10 @@ class SearchGuard:
 
 
 def resume_command(argv: Sequence[str], name: str) -> str:
-    """The command line that resumes this search: the same arguments with ``--name NAME``."""
-    args: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--name":
-            skip = True
-        elif not arg.startswith("--name="):
-            args.append(arg)
-    if not any(a == "--resume" or a.startswith("--resume=") for a in args):
+    """The command line that resumes this search: the same one, with ``--name NAME`` added
+    when it had neither ``--name`` nor ``--resume`` (a default, timestamped name)."""
+    args = list(argv)
+    if not any(a.split("=")[0] in ("--name", "--resume") for a in args):
         args += ["--name", name]
     return "python -m tuner.search " + shlex.join(args)
 
