@@ -30,6 +30,7 @@ import shutil
 import signal
 import sqlite3
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
@@ -145,8 +146,8 @@ def disk_full_callback(exp_dir: Path) -> Any:
                 return
             try:
                 full = is_disk_full(trial.get_error())
-            except OSError:  # the error file itself could not be written
-                full = True
+            except Exception:  # noqa: BLE001 - an unreadable error file decides nothing
+                full = False
             if full:
                 _seen["disk_full"] = True
                 (exp_dir / RESERVE_NAME).unlink(missing_ok=True)
@@ -219,6 +220,8 @@ class SearchGuard:
     def __enter__(self) -> SearchGuard:
         self._reserve = _reserve(self.exp_dir)
         _seen["disk_full"] = False
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers belong to the main thread; Tune's own then rule
         self._saved = {
             "sigint": signal.getsignal(signal.SIGINT),
             "sigusr1": signal.getsignal(signal.SIGUSR1),
@@ -240,13 +243,14 @@ class SearchGuard:
         tune_stop(signum, frame)
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
-        signal.signal(signal.SIGINT, self._saved["sigint"])
-        if self._saved["env"] is None:
-            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
-        else:
-            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self._saved["env"]
-        logging.getLogger("ray.tune.tune").removeFilter(self._filter)
-        logging.getLogger(SYNC_LOGGER).removeFilter(self._sync_filter)
+        if self._saved:
+            signal.signal(signal.SIGINT, self._saved["sigint"])
+            if self._saved["env"] is None:
+                os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+            else:
+                os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self._saved["env"]
+            logging.getLogger("ray.tune.tune").removeFilter(self._filter)
+            logging.getLogger(SYNC_LOGGER).removeFilter(self._sync_filter)
         if self._reserve is not None:
             self._reserve.unlink(missing_ok=True)  # room for the study's last writes
         full = is_disk_full(exc) or _seen["disk_full"]
