@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from typing import Any
 from tuner.errors import ConfigError
 
 #: how long a joined cluster's GCS port may take to accept a TCP connection
-CONNECT_TIMEOUT_S = 15.0
+CONNECT_TIMEOUT_S = 10.0
 LOOPBACK = "127.0.0.1"
 
 
@@ -61,6 +62,14 @@ def start_local(num_cpus: int, dashboard_port: int, env_vars: dict[str, str]) ->
     return context
 
 
+def requested(cli_address: str | None) -> tuple[str, str] | None:
+    """``(address, where it came from)`` of the cluster to join, or None for a local one."""
+    if cli_address:
+        return cli_address, "--address"
+    env = os.environ.get("RAY_ADDRESS")
+    return (env, "RAY_ADDRESS") if env else None
+
+
 def gcs_endpoint(address: str, source: str = "--address") -> tuple[str, int]:
     """``(host, port)`` of a cluster address: ``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``."""
     from ray._private import services
@@ -83,8 +92,8 @@ def gcs_endpoint(address: str, source: str = "--address") -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S,
-                    source: str = "--address") -> None:
+def check_reachable(address: str, source: str = "--address",
+                    timeout: float = CONNECT_TIMEOUT_S) -> None:
     """Stop with one line when nothing accepts TCP connections at the cluster's address.
 
     A refused connection is retried (a head node that is still starting) until ``timeout``.
@@ -114,7 +123,7 @@ def join(address: str, source: str = "--address") -> Any:
     """
     import ray
 
-    check_reachable(address, source=source)
+    check_reachable(address, source)
     try:
         return ray.init(address=address)
     except (ConnectionError, TimeoutError) as exc:

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tuner import faults
+from tuner import cluster, faults
 from tuner.cli import run_cli
 from tuner.errors import ConfigError
 
@@ -234,12 +234,10 @@ def start_ray(args: argparse.Namespace, space: Any) -> None:
     if ray.is_initialized():
         check_state_api()
         return
-    from tuner import cluster
-
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        context = cluster.join(address, "--address" if args.address else "RAY_ADDRESS")
-        where = f"joined the Ray cluster at {address}"
+    join = cluster.requested(args.address)
+    if join:
+        context = cluster.join(*join)
+        where = f"joined the Ray cluster at {join[0]}"
     else:  # a new cluster, every port on 127.0.0.1
         num_cpus = local_cpus(space, args.num_cpus)
         port = free_port()
@@ -252,6 +250,9 @@ def start_ray(args: argparse.Namespace, space: Any) -> None:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    join = cluster.requested(args.address)
+    if join:  # an address where nothing answers: one line in seconds, before any other work
+        cluster.check_reachable(*join)
     import methods
     from tuner.space import load_space
 
