@@ -17,11 +17,16 @@ numbers intermediate values by Tune's ``training_iteration`` (which restarts on 
   a driver crash (``restore``, or a new searcher on the study of a search killed before Tune
   saved any state) hands Optuna trials that were asked for but never reached Tune's saved
   state to the next new Tune trials, with their parameters, so a resumed study has exactly
-  one Optuna trial per Tune trial and nothing is suggested twice.
+  one Optuna trial per Tune trial and nothing is suggested twice;
+* after a search that ended with trials unfinished (Ctrl-C, a full disk, an error:
+  ``tuner.faults`` tells them FAIL with user attribute ``interrupted``), continues each
+  resumed Tune trial as a new Optuna trial with the same parameters and intermediate values
+  (user attribute ``continues_trial``: the old trial's number).
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import time
@@ -32,7 +37,13 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from tuner.faults import INTERRUPTED_ATTR
+
 logger = logging.getLogger(__name__)
+
+
+def _closed_as_interrupted(trial: optuna.trial.FrozenTrial) -> bool:
+    return trial.state == TrialState.FAIL and INTERRUPTED_ATTR in trial.user_attrs
 
 
 def sqlite_storage(path: str | Path, attempts: int = 5) -> optuna.storages.RDBStorage:
@@ -83,6 +94,31 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         self.__dict__.setdefault("_orphans", [])
         self.__dict__.setdefault("_stopped", TrialState.PRUNED)
         self._orphans = self._unclaimed()
+        self._interrupted = {  # closed FAIL when the previous run ended (tuner.faults)
+            tune_id for tune_id, t in self._ot_trials.items()
+            if _closed_as_interrupted(self._ot_study._storage.get_trial(t._trial_id))
+        }
+
+    def _live_trial(self, trial_id: str) -> optuna.trial.Trial:
+        """The Optuna trial of a Tune trial; a trial the previous run closed as interrupted
+        continues as a new Optuna trial with its parameters and intermediate values."""
+        ot_trial = self._ot_trials[trial_id]
+        if trial_id not in self.__dict__.get("_interrupted", ()):
+            return ot_trial
+        self._interrupted.discard(trial_id)
+        storage = self._ot_study._storage
+        old = storage.get_trial(ot_trial._trial_id)
+        attrs = {k: v for k, v in old.user_attrs.items() if k != INTERRUPTED_ATTR}
+        template = optuna.trial.FrozenTrial(
+            number=-1, state=TrialState.RUNNING, value=None,
+            datetime_start=datetime.datetime.now(), datetime_complete=None,
+            params=old.params, distributions=old.distributions,
+            user_attrs={**attrs, "continues_trial": old.number}, system_attrs={},
+            intermediate_values=old.intermediate_values, trial_id=-1)
+        new_id = storage.create_new_trial(self._ot_study._study_id, template_trial=template)
+        logger.info("trial %s continues Optuna trial %d as a new one", trial_id, old.number)
+        self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, new_id)
+        return self._ot_trials[trial_id]
 
     def _unclaimed(self) -> list[int]:
         """Optuna trials asked for (RUNNING) that no Tune trial of this searcher holds."""
@@ -102,7 +138,7 @@ class PrunedAwareOptunaSearch(OptunaSearch):
             return
         steps = self._reported.setdefault(trial_id, set())
         if int(epoch) not in steps:
-            self._ot_trials[trial_id].report(float(value), int(epoch))
+            self._live_trial(trial_id).report(float(value), int(epoch))
             steps.add(int(epoch))
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
@@ -114,10 +150,10 @@ class PrunedAwareOptunaSearch(OptunaSearch):
                           error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
-        ot_trial = self._ot_trials[trial_id]
         state, value = self._final_state(result, error)
         if result and state != TrialState.FAIL:
             self._report(trial_id, result)
+        ot_trial = self._live_trial(trial_id)
         try:
             self._ot_study.tell(ot_trial, value, state=state)
         except (ValueError, RuntimeError) as exc:

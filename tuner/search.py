@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tuner import cluster, faults
 from tuner.cli import run_cli
 from tuner.errors import ConfigError
 from tuner.tracking import FILES as TRACKING_FILES
@@ -265,19 +266,17 @@ def start_ray(args: argparse.Namespace, space: Any) -> None:
     if ray.is_initialized():
         check_state_api()
         return
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        context = ray.init(address=address)
-        where = f"joined the Ray cluster at {address}"
+    join = cluster.requested(args.address)
+    if join:
+        context = cluster.join(*join)
+        where = f"joined the Ray cluster at {join[0]}"
         from tuner.data.stream import keep_data_coordinator_here
 
         keep_data_coordinator_here()  # on the head, not on a worker the autoscaler may stop
-    else:
+    else:  # a new cluster, every port on 127.0.0.1
         num_cpus = local_cpus(space, args.num_cpus)
         port = free_port()
-        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
-                           dashboard_host="127.0.0.1", dashboard_port=port,
-                           runtime_env={"env_vars": state_api_env(port)})
+        context = cluster.start_local(num_cpus, port, state_api_env(port))
         where = f"local Ray cluster: {num_cpus} logical CPUs"
     url = getattr(context, "dashboard_url", None)
     print(where + (f"; dashboard at http://{url}" if url else ""))
@@ -286,6 +285,9 @@ def start_ray(args: argparse.Namespace, space: Any) -> None:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    join = cluster.requested(args.address)
+    if join:  # an address where nothing answers: one line in seconds, before any other work
+        cluster.check_reachable(*join)
     import methods
     from tuner import experiment
     from tuner.space import load_space
@@ -299,13 +301,26 @@ def _main(argv: Sequence[str] | None) -> int:
     if experiment.check_reuse(args, space):  # another method/space/budget is refused
         return 0  # finished: reported, nothing re-run or re-scored
     exp_dir, resume = experiment_dir(args)
+    if resume:
+        faults.check_resumable(exp_dir)
     data_dir, setup = prepare_data(space, exp_dir)
     tracking = Tracking.start(args.track, exp_dir, resume)
     start_ray(args, space)
     experiment.write_record(exp_dir, space)
-    results = run_search(space, setup, exp_dir, resume=resume, callbacks=tracking.callbacks())
-    rows = write_outputs(results, space, setup, exp_dir, args, data_dir)
+    again = faults.resume_command(sys.argv[1:] if argv is None else argv, exp_dir.name)
+    try:  # Ctrl-C, a full disk, the study's unfinished trials: tuner.faults
+        with faults.SearchGuard(exp_dir) as guard:
+            results = run_search(space, setup, exp_dir, resume=resume,
+                                 callbacks=tracking.callbacks())
+            faults.raise_if_disk_full(results, exp_dir)
+            rows = write_outputs(results, space, setup, exp_dir, args, data_dir)
+    except KeyboardInterrupt:
+        print(f"interrupted; resume with: {again}", file=sys.stderr)
+        raise
     print(format_leaderboard(rows))
+    if guard.interrupted:  # no test scoring of an interrupted search
+        print(f"interrupted; resume with: {again}", file=sys.stderr)
+        return faults.EXIT_INTERRUPTED
     best, test = best_result(results), None
     if space.search["repeats"]:  # re-train the top configurations with K seeds, pick by mean
         from tuner.repeats import repeat_top_configs
@@ -315,7 +330,7 @@ def _main(argv: Sequence[str] | None) -> int:
             test = json.loads((exp_dir / "test_metrics.json").read_text())
     elif not args.no_test and best is not None:
         test = score_test(best, setup, space)
-        (exp_dir / "test_metrics.json").write_text(json.dumps(test, indent=1))
+        faults.atomic_write(exp_dir / "test_metrics.json", json.dumps(test, indent=1))
         print(f"best trial {best.metrics['trial_id']} on test: " + _fmt_metrics(test))
     tracking.finish(best.metrics if best is not None else None, test)
     experiment.mark_finished(exp_dir, results, space, tested=not args.no_test)
@@ -355,7 +370,7 @@ def experiment_dir(args: argparse.Namespace) -> tuple[Path, bool]:
 
 #: what a search writes before Tune saves its first trial state
 _FIRST_FILES = {"experiment.json", "optuna.db", "optuna.db-journal", "tuner.pkl",
-                ".validate_storage_marker", *TRACKING_FILES}
+                ".validate_storage_marker", faults.RESERVE_NAME, *TRACKING_FILES}
 
 
 def _stopped_at_start(exp_dir: Path) -> bool:
@@ -458,7 +473,7 @@ def run_search(space: Any, setup: Any, exp_dir: Path, resume: bool = False,
             storage_path=str(exp_dir.parent),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=search["max_failures"]),
-            callbacks=[progress, *callbacks],
+            callbacks=[progress, faults.disk_full_callback(exp_dir), *callbacks],
             verbose=1,
         ),
     )
@@ -584,19 +599,22 @@ def write_outputs(results: Any, space: Any, setup: Any, exp_dir: Path, args: Any
                 for key, value in (values or {}).items():
                     df[f"config/{section}/{key}"] = value
             frames.append(df)
-    if frames:
-        pd.concat(frames, ignore_index=True).to_parquet(exp_dir / "trials.parquet")
+    if frames:  # every file written to a temporary name, then renamed (tuner.faults)
+        with faults.atomic_path(exp_dir / "trials.parquet") as tmp:
+            pd.concat(frames, ignore_index=True).to_parquet(tmp)
     rows = leaderboard_rows(results, space)
-    pd.DataFrame(rows).to_csv(exp_dir / "leaderboard.csv", index=False)
+    with faults.atomic_path(exp_dir / "leaderboard.csv") as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
     best = best_result(results)
     if best is not None:
-        (exp_dir / "best_config.yaml").write_text(
+        faults.atomic_write(
+            exp_dir / "best_config.yaml",
             f"# best trial {best.metrics.get('trial_id')} of {exp_dir.name}; reuse with\n"
             f"# python -m tuner.search --method {space.method} --space {exp_dir / 'best_config.yaml'}\n"
             + to_yaml(space.fixed_config(best.config)))
     import ray
 
-    (exp_dir / "search.json").write_text(json.dumps({
+    faults.atomic_write(exp_dir / "search.json", json.dumps({
         "argv": sys.argv, "method": space.method, "space_file": space.path,
         "data_dir": str(data_dir), "view": setup.view.name, "ray": ray.__version__,
         "trials": len(rows),
