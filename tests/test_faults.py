@@ -9,6 +9,7 @@ process; the port test lists the listening sockets of a real local cluster's pro
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pickle
 import shlex
@@ -187,6 +188,9 @@ def test_full_disk_stops_with_one_line_and_resumes_after_space_is_freed(
 
     state = next(exp.glob("searcher-state-*.pkl"))  # what the old code left after ENOSPC
     state.write_bytes(state.read_bytes()[:4096])
+    record = json.loads((exp / "experiment.json").read_text())
+    assert record.pop("finished")  # a finished search is reported, not resumed: make it
+    (exp / "experiment.json").write_text(json.dumps(record))  # one that stopped early
     refused = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1].startswith(

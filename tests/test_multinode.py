@@ -149,6 +149,10 @@ def kill_group(proc: subprocess.Popen) -> None:
 def cluster() -> Iterator:
     from ray.cluster_utils import Cluster
 
+    # The nodes inherit this process's environment, and an earlier local ray.init() in this
+    # pytest process sets RAY_AUTH_MODE=token in it: keep these nodes as env_for() expects.
+    auth = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "num_gpus": 0, "object_store_memory": 80 * MB,
         "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": 0,
@@ -161,6 +165,10 @@ def cluster() -> Iterator:
         yield c
     finally:
         c.shutdown()
+        if auth is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = auth
 
 
 @pytest.fixture(scope="module")
