@@ -69,3 +69,25 @@ def kill_session():
 @pytest.fixture(scope="module")
 def kill_session_module():
     return _kill_session
+
+
+def run_search_cli(args: list[str], log: Path, kill, what: str = "the search",
+                   timeout: float = 900) -> str:
+    """Run ``python -m tuner.search ARGS`` from the repository root in its own session, its
+    output in ``log``; kill it (and its Ray cluster) and fail when it hangs or exits non-zero.
+    Returns the log text."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tuner.search", *args], cwd=root,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill(proc)
+            pytest.fail(f"{what} hung:\n" + log.read_text()[-3000:])
+    assert code == 0, log.read_text()[-3000:]
+    return log.read_text()
+

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
+from conftest import run_search_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,18 +55,9 @@ def _run_search(tmp_path_factory: pytest.TempPathFactory, kill_session_module) -
     space["resources"].update(workers_per_trial=2, cpus_per_worker=1, data_cpus=1)
     path = tmp / "bce.yaml"
     path.write_text(yaml.safe_dump(space))
-    cmd = [sys.executable, "-m", "tuner.search", "--method", "bce", "--space", str(path),
-           "--out", str(tmp / "exp"), "--name", "mw", "--data-dir", str(tmp / "data")]
-    log = tmp / "search.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            code = proc.wait(timeout=900)
-        except subprocess.TimeoutExpired:
-            kill_session_module(proc)
-            pytest.fail("the 2-worker search hung:\n" + log.read_text()[-3000:])
-    assert code == 0, log.read_text()[-3000:]
+    args = ["--method", "bce", "--space", str(path), "--out", str(tmp / "exp"), "--name", "mw",
+            "--data-dir", str(tmp / "data")]
+    run_search_cli(args, tmp / "search.log", kill_session_module, what="the 2-worker search")
     return tmp / "exp" / "mw"
 
 

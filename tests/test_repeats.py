@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import run_search_cli
 
 from tuner import repeats
 from tuner.errors import ConfigError
@@ -82,19 +81,11 @@ def searched(tmp_path_factory: pytest.TempPathFactory, kill_session_module) -> t
                            scheduler="fifo", repeats=2, repeats_top=2)
     path = tmp / "bce.yaml"
     path.write_text(yaml.safe_dump(space))
-    cmd = [sys.executable, "-m", "tuner.search", "--method", "bce", "--space", str(path),
-           "--out", str(tmp / "exp"), "--name", "rep", "--data-dir", str(tmp / "data")]
-    log = tmp / "search.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            code = proc.wait(timeout=900)
-        except subprocess.TimeoutExpired:
-            kill_session_module(proc)
-            pytest.fail("the search with repeats hung:\n" + log.read_text()[-3000:])
-    assert code == 0, log.read_text()[-3000:]
-    return tmp / "exp" / "rep", log.read_text()
+    args = ["--method", "bce", "--space", str(path), "--out", str(tmp / "exp"), "--name", "rep",
+            "--data-dir", str(tmp / "data")]
+    text = run_search_cli(args, tmp / "search.log", kill_session_module,
+                          what="the search with repeats")
+    return tmp / "exp" / "rep", text
 
 
 @pytest.mark.integration
