@@ -63,15 +63,37 @@ METRIC_NAMES = tuple(
 
 _lock = threading.Lock()
 _metrics: dict[str, Any] = {}
+#: the Ray session the cached metric objects belong to (node id, job id)
+_owner: tuple[str, str] | None = None
 
 
-def _metric(name: str) -> Any | None:
-    """The process-wide Ray metric object ``name`` (created once), or None outside Ray."""
+def _ray_session() -> tuple[str, str] | None:
+    """(node id, job id) of this process's Ray connection, or None when Ray is not up."""
     import ray
 
     if not ray.is_initialized():
         return None
+    context = ray.get_runtime_context()
+    return context.get_node_id(), context.get_job_id()
+
+
+def _metric(name: str) -> Any | None:
+    """The metric object ``name`` of this process's current Ray session, or None outside Ray.
+
+    Metric objects are bound to the Ray connection that created them: after a
+    ``ray.shutdown()`` and a new ``ray.init()`` in the same process (tests, notebooks) the
+    old ones are dropped with the gauges they were refreshing.
+    """
+    global _owner
+    session = _ray_session()
+    if session is None:
+        return None
     with _lock:
+        if session != _owner:
+            _metrics.clear()
+            _gauges.clear()
+            _exported.clear()
+            _owner = session
         if name not in _metrics:
             from ray.util import metrics
 
@@ -84,15 +106,18 @@ def _metric(name: str) -> Any | None:
 REFRESH_S = 1.0
 _gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
 _refresher: threading.Thread | None = None
+_stop = threading.Event()
 
 
 def _set(name: str, value: float, tags: Mapping[str, str]) -> None:
-    """Set a gauge and keep re-sending its value while this process lives.
+    """Set a gauge and keep re-sending its value while this process's Ray session lives.
 
     Ray's metrics agent forgets a gauge two report intervals after its last update (Ray 2.60,
     ``OpenTelemetryMetricRecorder``), while an epoch can take minutes: without the refresh a
     trial's gauges would vanish from the dashboard between epochs. A finished trial's process
-    exits, so its gauges then age out as they should.
+    exits, so its gauges then age out as they should. The refresh thread stops when Ray shuts
+    down or its session changes, and at interpreter exit (before Ray's own exit handler), so
+    it never calls into a torn-down Ray core worker.
     """
     metric = _metric(name)
     if metric is None or not math.isfinite(value):
@@ -101,20 +126,34 @@ def _set(name: str, value: float, tags: Mapping[str, str]) -> None:
     global _refresher
     with _lock:
         _gauges[(name, tuple(sorted(tags.items())))] = value
-        if _refresher is None:
-            _refresher = threading.Thread(target=_refresh, name="mlt-metrics", daemon=True)
+        if _refresher is None or not _refresher.is_alive():
+            import atexit
+
+            _stop.clear()
+            _refresher = threading.Thread(target=_refresh, args=(_owner,), name="mlt-metrics",
+                                          daemon=True)
             _refresher.start()
+            atexit.register(_stop_refresher)
 
 
-def _refresh() -> None:
-    import time
+def _stop_refresher() -> None:
+    """Stop the refresh thread and wait for it (registered with ``atexit`` when it starts)."""
+    _stop.set()
+    thread = _refresher
+    if thread is not None and thread is not threading.current_thread():
+        thread.join(timeout=2 * REFRESH_S)
 
-    while True:
-        time.sleep(REFRESH_S)
+
+def _refresh(owner: tuple[str, str] | None) -> None:
+    while not _stop.wait(REFRESH_S):
+        if _ray_session() != owner:
+            return  # Ray shut down or re-initialised: these gauges belong to a gone session
         with _lock:
-            values = list(_gauges.items())
-        for (name, tags), value in values:
-            _metrics[name].set(value, tags=dict(tags))
+            if _owner != owner:
+                return
+            values = [(_metrics[name], tags, value) for (name, tags), value in _gauges.items()]
+        for metric, tags, value in values:
+            metric.set(value, tags=dict(tags))
 
 
 def images_per_second(metrics: Mapping[str, Any]) -> float:
