@@ -123,3 +123,30 @@ def test_repeats_pick_by_mean_and_report_the_spread(searched: tuple[Path, str]) 
     assert test["seed"] == best_seed["seed"] == info["test_from_seed"]
     assert test["mAP"] == pytest.approx(best_seed["test_mAP"])
     assert info["test_mAP_mean"] == pytest.approx(mine["test_mAP"].mean())
+
+
+@pytest.mark.integration
+def test_the_report_puts_test_on_the_repeats_winner_and_shows_the_seeds(
+        searched: tuple[Path, str]) -> None:
+    """After repeats, the test figures belong to the winning configuration (which need not be
+    the search's best single run), the per-class AP is that seed's model, and the report
+    shows each re-trained configuration's mean ± std."""
+    from tuner.report import build_report, load_experiment, per_class_table, tested_run
+
+    exp_dir, _ = searched
+    info = json.loads((exp_dir / "search.json").read_text())["repeats"]
+    exp = load_experiment(exp_dir)
+    tested = tested_run(exp)
+    assert tested.trial_id == info["winner_trial"] and tested.run == "repeats"
+    assert tested.config["train"]["seed"] == info["test_from_seed"]
+    test = json.loads((exp_dir / "test_metrics.json").read_text())
+    table = per_class_table(exp)
+    assert np.nanmean(table["ap"]) == pytest.approx(test["mAP"], abs=1e-6)
+    page = build_report(exp_dir).read_text()
+    assert "<h3>Seeds</h3>" in page and "highest mean validation mAP" in page
+    assert f"{info['val_mAP_mean']:.2f} ± {info['val_mAP_std']:.2f} (2 seeds)" in page
+    from tuner.report import cost_ledger, leaderboard_rows
+
+    rows = leaderboard_rows(exp, cost_ledger(exp)[0])
+    with_test = [r["trial"] for r in rows if not math.isnan(r["test mAP"])]
+    assert with_test == [info["winner_trial"]]

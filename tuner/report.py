@@ -289,18 +289,72 @@ def load_state_restricted(path: Path) -> dict[str, Any]:
     return load_state_file(path)
 
 
-def trial_checkpoint(exp: Experiment, trial_id: str) -> Path:
-    """The latest ``state.pt`` of a trial (its ``best`` entry holds the best weights)."""
-    dirs = sorted(exp.path.glob(f"train_trial_{trial_id}_*"))
-    files = sorted(p for d in dirs for p in d.glob("checkpoint_*/state.pt"))
+def trial_checkpoint(exp: Experiment, trial_id: str, run: str = "") -> Path:
+    """The latest ``state.pt`` of a trial (its ``best`` entry holds the best weights);
+    ``run``: a Tune run inside the experiment (``repeats``), else the search's own trials."""
+    base = exp.path / run if run else exp.path
+    pattern = f"*_{trial_id}_*" if run else f"train_trial_{trial_id}_*"
+    files = sorted(p for d in sorted(base.glob(pattern)) for p in d.glob("checkpoint_*/state.pt"))
     if not files:
-        raise DataError(f"no checkpoint of trial {trial_id} under {exp.path}; the per-class "
-                        "figure needs the train_trial_* directories (or pass --no-per-class)")
+        raise DataError(f"no checkpoint of trial {trial_id} under {base}; the per-class "
+                        "figure needs the trial directories (or pass --no-per-class)")
     return files[-1]
 
 
+@dataclass(frozen=True)
+class TestedRun:
+    """The run whose best weights ``test_metrics.json`` scored.
+
+    Attributes:
+        trial_id: the search trial whose leaderboard row carries the test figures (with
+            ``search.repeats``: the winning configuration's search trial).
+        config: the run's configuration (with repeats: the winner's, with the scored seed).
+        checkpoint: its ``state.pt``, found lazily by :meth:`state_file`.
+        run: ``""`` for a search trial, ``"repeats"`` for a re-trained seed.
+        run_trial_id: the Tune trial id inside ``run``.
+        seeds: repeats only: ``(seeds, val mean, val std, test mean, test std)``.
+    """
+
+    trial_id: str
+    config: dict[str, Any]
+    run: str = ""
+    run_trial_id: str = ""
+    seeds: tuple[float, ...] = ()
+
+    def state_file(self, exp: Experiment) -> Path:
+        return trial_checkpoint(exp, self.run_trial_id or self.trial_id, self.run)
+
+
+def tested_run(exp: Experiment) -> TestedRun:
+    """Which run the test split was scored on: the best trial of the search, or, after
+    ``search.repeats``, the winning configuration's seed with the best validation mAP."""
+    info = exp.search.get("repeats") or {}
+    table_file = exp.path / "repeats.csv"
+    if info.get("winner_trial") is not None and table_file.is_file():
+        table = pd.read_csv(table_file, dtype={"trial_id": str, "repeat_trial_id": str})
+        mine = table[(table["trial_id"] == str(info["winner_trial"]))
+                     & (table["seed"] == int(info.get("test_from_seed", -1)))]
+        if not mine.empty:
+            row = mine.iloc[0]
+            seeds = tuple(_num(info.get(k)) for k in ("seeds", "val_mAP_mean", "val_mAP_std",
+                                                        "test_mAP_mean", "test_mAP_std"))
+            return TestedRun(trial_id=str(info["winner_trial"]), config=json.loads(row["config"]),
+                             run="repeats", run_trial_id=str(row["repeat_trial_id"]),
+                             seeds=seeds)
+    row = _best_row(exp)
+    return TestedRun(trial_id=str(row["trial_id"]), config=json.loads(row["config"]))
+
+
+def _num(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def per_class_table(exp: Experiment, split: str = "test") -> pd.DataFrame:
-    """Per-class AP of the best trial's best weights on ``split`` and training frequencies.
+    """Per-class AP of the tested run's best weights on ``split`` (:func:`tested_run`: the
+    best trial, or the repeats' winner) and training frequencies.
 
     Columns: ``class``, ``name``, ``group`` (head/medium/tail of the clean training labels),
     ``train_count`` (clean positives), ``observed_count`` (positives of the label view the
@@ -316,15 +370,15 @@ def per_class_table(exp: Experiment, split: str = "test") -> pd.DataFrame:
     from tuner.metrics import per_class_ap
     from tuner.trainable import TrialSetup, task_info, train_config
 
-    row = _best_row(exp)
-    config = json.loads(row["config"])
+    tested = tested_run(exp)
+    config = tested.config
     data = PreparedData(exp.search["data_dir"])
     view = exp.space.view()
     setup = TrialSetup(method=exp.space.method, data_dir=str(data.root), view=view,
                        max_epochs=exp.space.max_epochs,
                        groups=data.groups(view if exp.space.data["groups"] == "observed" else None),
                        stats_from_clean=exp.space.data["class_stats"] == "clean")
-    state = load_state_restricted(trial_checkpoint(exp, str(row["trial_id"])))
+    state = load_state_restricted(tested.state_file(exp))
     cfg = train_config(config, setup)
     method = create_method(setup.method, config.get("method", {}),
                            task_info(data, setup, data.manifest["splits"]["train"]["num_images"]))
@@ -548,7 +602,7 @@ def html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], digits
 def leaderboard_rows(exp: Experiment, costs: pd.DataFrame) -> list[dict[str, Any]]:
     """Leaderboard rows for the report: validation metrics, test (best trial only), cost."""
     cost = costs.set_index("trial_id")
-    best_id = str(_best_row(exp)["trial_id"]) if exp.test else None
+    best_id = tested_run(exp).trial_id if exp.test else None
     rows = []
     for rank, (_, row) in enumerate(exp.board.iterrows(), start=1):
         trial_id = str(row["trial_id"])
@@ -566,6 +620,35 @@ def leaderboard_rows(exp: Experiment, costs: pd.DataFrame) -> list[dict[str, Any
                                   for k, v in (sec or {}).items())
         rows.append(out)
     return rows
+
+
+def seed_rows(exp: Experiment) -> list[dict[str, Any]]:
+    """The repeats' table for the report (empty without ``search.repeats``): per re-trained
+    configuration its search rank and value, and mean ± std over its seeds, val and test."""
+    from tuner.repeats import pm
+
+    path = exp.path / "repeats.csv"
+    if not path.is_file():
+        return []
+    table = pd.read_csv(path, dtype={"trial_id": str})
+    search_val = dict(zip(exp.board["trial_id"].astype(str), exp.board["val_mAP"]))
+    rows = []
+    for (rank, trial_id), runs in table.groupby(["rank", "trial_id"], sort=True):
+        done = runs[runs["status"] == "COMPLETE"]
+        row = {"search rank": int(rank), "trial": trial_id, "seeds": len(done),
+               "search val mAP": float(search_val.get(trial_id, math.nan))}
+        for split, column in (("val", "val_mAP"), ("test", "test_mAP")):
+            values = done[column].dropna().to_numpy(float) if column in done else np.array([])
+            row[f"{split} mAP, mean ± std"] = (
+                pm(values.mean(), values.std(ddof=1) if len(values) > 1 else math.nan, len(values))
+                if len(values) else "")
+            row[f"_{split}"] = values.mean() if len(values) else -math.inf
+        rows.append(row)
+    return sorted(rows, key=lambda r: -r["_val"])
+
+
+SEED_COLUMNS = ["search rank", "trial", "search val mAP", "seeds", "val mAP, mean ± std",
+                "test mAP, mean ± std"]
 
 
 def _short(value: Any) -> str:
@@ -599,8 +682,9 @@ def render_html(exp: Experiment, parts: Mapping[str, Any]) -> str:
 Optuna study: <code>python -m tuner.dashboard {e(str(exp.path))}</code>
 (or <code>optuna-dashboard {e(exp.study_url)}</code>)</p>
 <h2>Leaderboard</h2><p>Validation metrics at each trial's best epoch; the test split is
-scored once, for the selected (best validation) trial.</p>
+scored once, for the selected trial ({e(parts['selected'])}).</p>
 {html_table(parts['leaderboard'], LEADER_COLUMNS, cls='leaderboard')}
+{parts['seeds_html']}
 <h2>Cost ledger</h2><p>Reserved resources x wall time. Search total: {totals['gpu_hours']:.4f}
 GPU-hours, {totals['cpu_hours']:.4f} CPU-hours, {totals['wall_s']:.0f} trial-seconds; share spent
 on trials ASHA stopped: {_pct(totals['stopped_share_gpu'])} of GPU-hours,
@@ -609,6 +693,23 @@ on trials ASHA stopped: {_pct(totals['stopped_share_gpu'])} of GPU-hours,
 <h2>Figures</h2>{figs}
 <h2>Notes</h2><ul>{notes}</ul></body></html>
 """
+
+
+def seed_parts(exp: Experiment) -> dict[str, str]:
+    """The leaderboard's selection sentence and, after ``search.repeats``, the seeds table."""
+    rows = seed_rows(exp)
+    if not rows:
+        return {"selected": "the best validation mAP of one run", "seeds_html": ""}
+    tested = tested_run(exp)
+    seed = (tested.config.get("train") or {}).get("seed")
+    return {
+        "selected": f"the highest mean validation mAP over seeds: trial {tested.trial_id}'s "
+                    f"configuration, its seed {seed} run, the best of them on validation",
+        "seeds_html": "<h3>Seeds</h3><p>The top configurations re-trained with new seeds "
+                      "(<code>search.repeats</code>; the search's own run not counted). Read a "
+                      "gap between two configurations as real only when it is larger than their "
+                      "standard deviations.</p>" + html_table(rows, SEED_COLUMNS, cls="seeds"),
+    }
 
 
 def _pct(value: float) -> str:
@@ -647,7 +748,7 @@ def build_report(path: str | Path, split: str = "test", per_class: bool = True,
         notes.append(f"per-class AP: best trial's best weights on the {split} split; mean "
                      f"{np.nanmean(table['ap']):.2f} (the leaderboard's test mAP)")
     parts = {"totals": totals, "costs": costs, "figures": figures, "notes": notes,
-             "leaderboard": leaderboard_rows(exp, costs)}
+             "leaderboard": leaderboard_rows(exp, costs), **seed_parts(exp)}
     page = exp.path / "report.html"
     page.write_text(render_html(exp, parts))
     written = [page, exp.path / "cost.csv", exp.path / "efficiency.csv",
