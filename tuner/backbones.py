@@ -58,9 +58,10 @@ def small_cnn(width: int = 16) -> tuple[nn.Module, int]:
     """Four conv blocks and two 2x poolings: DigitsMLT's 24 px -> 6x6 maps.
 
     DigitsMLT (version 3) shows native 8x8 digits, so the stem keeps stride 1 (a stride-2
-    stem cost 3-4 val mAP there); width 16 keeps a step about as cheap as version 2's
-    width-32 stride-2 network on 48 px mosaics. The classifier pools with max
-    (:func:`_trunk`): a digit fills one cell of nine, and averaging dilutes its evidence.
+    stem cost 3-4 val mAP there); at width 16 an image costs about a third of what version
+    2's width-32 stride-2 network on 48 px mosaics did, so an epoch of 2.9x more images costs
+    about the same. The classifier pools with max (:func:`_trunk`): a digit fills one cell of
+    nine, and averaging dilutes its evidence (+1.4 val mAP; ``benchmarks/RESULTS.md`` s. 7).
     """
     trunk = nn.Sequential(
         _conv_block(3, width),

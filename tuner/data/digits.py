@@ -4,9 +4,9 @@ Each image is a 3x3 mosaic of 8x8 cells (24x24 grey pixels): some cells hold a h
 digit (a native 8x8 scikit-learn digit, shifted by up to one pixel and noised), the others are
 blank. The labels are the digits an image shows (10 classes, 1 to 9 labels per image).
 Version 3 (issue 18) made the images 4x smaller than version 2's 48x48 mosaics of upscaled
-digits, so that the same compute trains on 3x more images for 3x more optimizer steps, and
-gave the label sets scene structure; the figures are in ``benchmarks/RESULTS.md``
-("DigitsMLT v3").
+digits, so that about the same compute per epoch trains on 2.9x more images (and, at batch
+32, 5.8x more optimizer steps), and gave the label sets scene structure; the figures are in
+``benchmarks/RESULTS.md`` section 7.
 
 * **Scenes.** Every image belongs to one of 5 latent scene types; a scene is a distribution
   over classes: its 4 *core* classes weigh 1, the others ``off_scene`` (0.03). The classes
@@ -15,14 +15,14 @@ gave the label sets scene structure; the figures are in ``benchmarks/RESULTS.md`
   no scene) to high (ring neighbours), as between COCO's classes
   (``benchmarks/cooccurrence.py`` prints both).
 * **Long tail.** Training class counts follow a profile with a head plateau,
-  ``count_k = max * (min / max) ** ((k / 9) ** 2)`` for rank k = 0..9 (default 2,400 -> 30,
-  ratio 80): 2400, 2274, 1944, 1476, 1008, 621, 342, 168, 75, 30. DBL's Pareto(b=6) profile,
+  ``count_k = max * (min / max) ** ((k / 9) ** 2)`` for rank k = 0..9 (default 1,800 -> 60,
+  ratio 30): 1800, 1726, 1522, 1234, 919, 630, 397, 230, 123, 60. DBL's Pareto(b=6) profile,
   used by version 1, is too steep for 10 classes (the head class alone then sits in 90% of
   the images and a split averages 1.75 labels per image, so a missing-label rate of q=0.6
   cannot leave 40% of the positives while keeping one per image). Which digit gets which
   count is a seeded permutation.
-* The training split has ``round(max / 0.9)`` = 2,667 images (the head class is in 90% of
-  them), about 3.9 labels each. Classes are placed from the most to the least frequent, each
+* The training split has ``round(max / head_share)`` = 2,571 images (the head class is in
+  70% of them, so it has negatives to learn from), about 3.4 labels each. Classes are placed from the most to the least frequent, each
   on exactly its count of images, an image drawn with weight ``affinity(scene, class) /
   (1 + labels so far) ** 2``; an image left without labels takes one over from the image
   with the most.
