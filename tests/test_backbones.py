@@ -50,3 +50,20 @@ def test_pickled_objects_are_refused(tmp_path: Path) -> None:
     torch.save({"conv1.weight": object()}, evil)
     with pytest.raises(ConfigError, match="cannot read weights"):
         build_model("resnet18", 5, weights=str(evil))
+
+
+def test_small_cnn_pools_by_max_and_resnets_by_average() -> None:
+    x = torch.randn(2, 3, 24, 24)
+    small = build_model("small_cnn", 3).eval()
+    torch.testing.assert_close(small.features(x), small.feature_maps(x).amax(dim=(2, 3)))
+    resnet = build_model("resnet18", 3).eval()
+    torch.testing.assert_close(resnet.features(x), resnet.feature_maps(x).mean(dim=(2, 3)))
+
+
+def test_unknown_pooling_is_refused() -> None:
+    from torch import nn
+
+    from tuner.backbones import Classifier
+
+    with pytest.raises(ConfigError, match="pool must be 'avg' or 'max'"):
+        Classifier(nn.Identity(), 4, 2, pool="sum")

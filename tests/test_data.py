@@ -23,7 +23,9 @@ from PIL import Image
 from scipy import stats
 
 import tuner.prepare
+from tuner.data.cooccurrence import conditional_matrix
 from tuner.data.corruption import ViewSpec, drop_positives, make_view
+from tuner.data.digits import DigitsConfig, plateau_profile, scene_affinity
 from tuner.data.manifest import SPLITS
 from tuner.data.prepared import PreparedData, prepare_digits
 from tuner.data.stream import (
@@ -40,7 +42,7 @@ from tuner.data.stream import (
 from tuner.errors import ChecksumError, ConfigError, DataError
 
 NUM_CLASSES = 10
-IMAGE_SIZE = 48
+IMAGE_SIZE = 24
 
 
 # ---------------------------------------------------------------- helpers
@@ -120,10 +122,30 @@ def test_train_split_is_long_tailed_and_eval_splits_balanced(digits_dir: Path) -
     manifest = read_json(digits_dir / "manifest.json")
     train = np.array(manifest["class_counts"]["train"])
     assert train.min() > 0
-    assert 50 <= train.max() / train.min() <= 100
+    config = DigitsConfig()
+    np.testing.assert_array_equal(np.sort(train)[::-1], plateau_profile(
+        NUM_CLASSES, config.max_count, config.min_count))
+    assert 20 <= train.max() / train.min() <= 100
     for split in ("val", "test"):
         counts = np.array(manifest["class_counts"][split])
         assert counts.min() > 0 and counts.max() / counts.min() < 2, (split, counts)
+
+
+def test_label_sets_follow_the_scenes(digits_dir: Path) -> None:
+    """Classes that share a scene co-occur far more often than classes that share none."""
+    ring = read_json(digits_dir / "manifest.json")["build"]["scene_ring"]
+    core = scene_affinity(np.asarray(ring), 0.0) > 0
+    share = (core.T.astype(int) @ core.astype(int)) > 0
+    off_diagonal = ~np.eye(NUM_CLASSES, dtype=bool)
+    for split in ("train", "val"):
+        _, labels = split_labels(digits_dir, split)
+        cond, valid = conditional_matrix(labels)
+        together = cond[share & off_diagonal & valid]
+        apart = cond[~share & valid]
+        assert together.size and apart.size
+        # the head classes sit in most training images whatever the scene: compare by lift
+        lift = cond / labels.mean(0)[None, :]
+        assert np.median(lift[share & off_diagonal]) > 2 * np.median(lift[~share]), split
 
 
 def test_groups_partition_classes_by_thresholds(digits_dir: Path) -> None:

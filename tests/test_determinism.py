@@ -45,7 +45,7 @@ from tuner.trainable import (
     train_config,
 )
 
-IMAGE_SIZE = 48
+IMAGE_SIZE = 24
 #: metrics that measure time or memory, not training
 TIMING = {"train_time", "data_wait_time", "eval_time", "peak_rss_mb", "startup_time"}
 

@@ -22,10 +22,14 @@ BACKBONES = ("small_cnn", "resnet18", "resnet50", "resnet101")
 class Classifier(nn.Module):
     """A trunk producing spatial feature maps, global average pooling and a linear classifier."""
 
-    def __init__(self, trunk: nn.Module, feature_dim: int, num_classes: int) -> None:
+    def __init__(self, trunk: nn.Module, feature_dim: int, num_classes: int,
+                 pool: str = "avg") -> None:
         super().__init__()
+        if pool not in ("avg", "max"):
+            raise ConfigError(f"pool must be 'avg' or 'max', got {pool!r}")
         self.trunk = trunk
         self.feature_dim = feature_dim
+        self.pool = pool
         self.classifier = nn.Linear(feature_dim, num_classes)
 
     def feature_maps(self, x: Tensor) -> Tensor:
@@ -33,8 +37,9 @@ class Classifier(nn.Module):
         return self.trunk(x)
 
     def features(self, x: Tensor) -> Tensor:
-        """``(B, D)`` globally pooled features."""
-        return self.feature_maps(x).mean(dim=(2, 3))
+        """``(B, D)`` globally pooled features (average, or max for ``pool="max"``)."""
+        maps = self.feature_maps(x)
+        return maps.amax(dim=(2, 3)) if self.pool == "max" else maps.mean(dim=(2, 3))
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, 3, H, W)`` normalised images -> ``(B, C)`` logits."""
@@ -49,14 +54,17 @@ def _conv_block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     )
 
 
-def small_cnn(width: int = 32) -> tuple[nn.Module, int]:
-    """Four conv blocks, a stride-2 stem and two 2x poolings: 48 px -> 6x6 maps.
+def small_cnn(width: int = 16) -> tuple[nn.Module, int]:
+    """Four conv blocks and two 2x poolings: DigitsMLT's 24 px -> 6x6 maps.
 
-    The stride-2 stem fits DigitsMLT, whose 8x8 digits are upscaled 2x (nothing is lost),
-    and makes the network about 4x cheaper than a stride-1 stem on CPU.
+    DigitsMLT (version 3) shows native 8x8 digits, so the stem keeps stride 1 (a stride-2
+    stem cost 3-4 val mAP there); at width 16 an image costs about a third of what version
+    2's width-32 stride-2 network on 48 px mosaics did, so an epoch of 2.9x more images costs
+    about the same. The classifier pools with max (:func:`_trunk`): a digit fills one cell of
+    nine, and averaging dilutes its evidence (+1.4 val mAP; ``benchmarks/RESULTS.md`` s. 7).
     """
     trunk = nn.Sequential(
-        _conv_block(3, width, stride=2),
+        _conv_block(3, width),
         _conv_block(width, 2 * width),
         nn.MaxPool2d(2),
         _conv_block(2 * width, 4 * width),
@@ -73,12 +81,13 @@ def _resnet(factory: Callable[..., nn.Module]) -> tuple[nn.Module, int]:
     return trunk, dim
 
 
-def _trunk(name: str) -> tuple[nn.Module, int]:
+def _trunk(name: str) -> tuple[nn.Module, int, str]:
+    """Trunk, feature width and global pooling of backbone ``name``."""
     if name == "small_cnn":
-        return small_cnn()
+        return (*small_cnn(), "max")
     from torchvision import models
 
-    return _resnet(getattr(models, name))
+    return (*_resnet(getattr(models, name)), "avg")
 
 
 def load_trunk_weights(model: Classifier, path: str | Path) -> None:
@@ -121,8 +130,8 @@ def build_model(name: str, num_classes: int, weights: str | None = None) -> Clas
     """A :class:`Classifier` with backbone ``name`` (random init unless ``weights`` is given)."""
     if name not in BACKBONES:
         raise ConfigError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    trunk, dim = _trunk(name)
-    model = Classifier(trunk, dim, num_classes)
+    trunk, dim, pool = _trunk(name)
+    model = Classifier(trunk, dim, num_classes, pool)
     if weights:
         if name == "small_cnn":
             raise ConfigError("small_cnn has no pretrained weights; drop `weights` or use a resnet")

@@ -54,8 +54,9 @@ ARCHS = ("tiny", "RN50", "ViT-B-16")
 MAX_LOGIT_SCALE = 100.0
 
 #: a CLIP-style model small enough to train from scratch on CPU: ViT with 8 px patches (a
-#: 48 px DigitsMLT image is a 6x6 grid), 2 layers of width 96, a 2-layer text transformer
-#: over open_clip's 49,408-token BPE vocabulary with 32 positions
+#: 48 px input is a 6x6 grid; DigitsMLT's 24 px images are upsampled to it), 2 layers of
+#: width 96, a 2-layer text transformer over open_clip's 49,408-token BPE vocabulary with 32
+#: positions
 _TINY = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": 48, "layers": 2, "width": 96, "head_width": 32,

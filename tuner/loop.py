@@ -37,10 +37,10 @@ class TrainConfig(MethodParams):
 
     backbone: str = hp("small_cnn", choices=BACKBONES, doc="network")
     weights: str | None = hp(None, doc="local file of pretrained trunk weights (no downloads)")
-    image_size: int = hp(48, 16, 1024, doc="input side in pixels")
-    batch_size: int = hp(64, 1, 4096)
+    image_size: int = hp(24, 16, 1024, doc="input side in pixels (DigitsMLT's is 24)")
+    batch_size: int = hp(32, 1, 4096)
     optimizer: str = hp("adamw", choices=("adamw", "adam", "sgd"))
-    lr: float = hp(1e-3, 0.0, 10.0, low_open=True, doc="peak learning rate")
+    lr: float = hp(5e-3, 0.0, 10.0, low_open=True, doc="peak learning rate")
     weight_decay: float = hp(1e-4, 0.0, 1.0, doc="decoupled; not applied to biases and norms")
     momentum: float = hp(0.9, 0.0, 1.0, high_open=True, doc="SGD momentum")
     schedule: str = hp("cosine", choices=("cosine", "constant"))

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from tuner.data.corruption import ViewSpec, make_view
+from tuner.data.digits import IMAGE_SIZE as DIGITS_SIZE
 from tuner.data.digits import VERSION as DIGITS_VERSION
 from tuner.data.digits import DigitsConfig, build_digits_mlt
 from tuner.data.manifest import (
@@ -55,7 +56,8 @@ def prepare_digits(out: str | Path, seed: int = 0, rows_per_shard: int = 64, **k
         head_min=facts["head_min"],
         tail_below=facts["tail_below"],
         build=build,
-        image_info={"format": "png", "height": 48, "width": 48, "channels": 1, "augment": "shift"},
+        image_info={"format": "png", "height": DIGITS_SIZE, "width": DIGITS_SIZE, "channels": 1,
+                    "augment": "shift"},
         rows_per_shard=rows_per_shard,
         **kw,
     )
