@@ -477,6 +477,10 @@ def run_search(space: Any, setup: Any, exp_dir: Path, resume: bool = False,
             num_samples=search["num_trials"],
             max_concurrent_trials=concurrency(space, cluster),
             trial_dirname_creator=trial_dirname,
+            # a stopped trial's process (torch, the loop, the shared data mapped) runs the
+            # next trial: no process start and imports per trial (tuner.trainable resets all
+            # per-trial state: seeds, torch flags, Ray Data context)
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=exp_dir.name,
