@@ -6,10 +6,15 @@ Tune. A trial builds its method, model and data from the trial ``config`` (``{"t
 checkpoint when relaunched, and reports ``epoch`` plus validation metrics after every epoch
 with a checkpoint of the full state.
 
+* **Data once per search** when the decoded train + val splits fit :data:`MEMORY_SHARE` of
+  the object store (:func:`share_splits`, on the driver): every trial, one worker or
+  several, maps them zero-copy and augments each planned task in its own process
+  (:class:`tuner.data.memory.MemoryEpochs`), with the same batches as the stream below. Each
+  report carries ``data_path`` (``memory`` / ``stream``).
 * **One worker** (``workers_per_trial == 1``): the loop runs in the Tune function itself,
   streaming all its epochs from one Ray Data execution (:class:`tuner.data.stream.EpochStream`:
-  no per-epoch pipeline start-up, the next epoch decodes during validation); checkpoints are
-  Tune checkpoints.
+  no per-epoch pipeline start-up, the next epoch decodes during validation) unless the
+  splits are shared; checkpoints are Tune checkpoints.
 * **Several workers**: the Tune function (a small CPU fraction) runs a Ray Train
   ``TorchTrainer`` (Train V2) named after the Tune trial id, whose workers run the same loop
   data-parallel (:mod:`tuner.distributed`: gradients averaged every step, per-sample method
