@@ -115,8 +115,8 @@ def command(system: str, args: argparse.Namespace, out: Path, name: str) -> list
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     if system == "platform":
         return [sys.executable, "-m", "tuner.search", "--method", "hill", "--space",
-                str(ROOT / "search_spaces" / "hill.yaml"), "--out", str(out), "--name", name,
-                "--grace-period", "2", *size, *data]
+                str(args.platform_root / "search_spaces" / "hill.yaml"), "--out", str(out),
+                "--name", name, "--grace-period", "2", *size, *data]
     script = {"optuna": "plain_optuna.py", "ray_tune": "stock_ray_tune.py"}[system]
     extra = ["--out", str(out / name)] if system == "ray_tune" else []
     return [sys.executable, str(PEERS / script), *size, *data, *extra]
@@ -125,12 +125,13 @@ def command(system: str, args: argparse.Namespace, out: Path, name: str) -> list
 def run_once(system: str, args: argparse.Namespace, out: Path, name: str) -> dict[str, Any]:
     """Run one system to its end; its measurements (raises with the log on failure)."""
     token = uuid.uuid4().hex
+    code = args.platform_root if system == "platform" else ROOT
     env = {**os.environ, TOKEN_VAR: token,
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(PEERS), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(code), str(PEERS), os.environ.get("PYTHONPATH", "")])}
     log = out / f"{name}.log"
     with TreeCpu(token) as cpu, log.open("w") as err:
         launched = time.time()
-        proc = subprocess.run(command(system, args, out, name), cwd=ROOT, env=env, text=True,
+        proc = subprocess.run(command(system, args, out, name), cwd=code, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=err)
         exited = time.time()
         deadline = time.monotonic() + 15  # Ray's processes of this run end after the driver
@@ -151,6 +152,9 @@ def platform_result(exp_dir: Path) -> dict[str, Any]:
     import pandas as pd
 
     df = pd.read_parquet(exp_dir / "trials.parquet")
+    if "trial_started_at" not in df:  # an older platform (--platform-root): Tune's whole seconds
+        df["trial_started_at"] = df["timestamp"] - df["time_total_s"]
+        df["reported_at"] = df["timestamp"]
     trials = []
     for _, rows in df.groupby("trial_id"):
         rows = rows.sort_values("epoch")
@@ -159,7 +163,8 @@ def platform_result(exp_dir: Path) -> dict[str, Any]:
                        "epochs": int(rows["epoch"].max()),
                        "startup_s": float(rows["startup_time"].iloc[0]),
                        "epoch_s": (rows["train_time"] + rows["eval_time"]).tolist(),
-                       "data_path": str(rows["data_path"].iloc[0])})
+                       "data_path": str(rows["data_path"].iloc[0]) if "data_path" in rows
+                       else "stream"})
     test = json.loads((exp_dir / "test_metrics.json").read_text())
     return {"trials": trials, "best_val_mAP": float(df["val_mAP"].max()),
             "test_mAP": float(test["mAP"])}
@@ -230,6 +235,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="1 round of 2 trials x 2 epochs")
     p.add_argument("--data-dir", help="prepared DigitsMLT (default: the cache)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset")
+    p.add_argument("--platform-root", type=Path, default=ROOT,
+                   help="checkout of the platform to time (e.g. `git archive` of an older "
+                        "commit, for a before/after); default this one")
     args = p.parse_args()
     if args.quick:
         args.rounds, args.trials, args.epochs = 1, 2, 2
