@@ -73,6 +73,7 @@ class TreeCpu:
     def __init__(self, token: str, interval: float = 0.1) -> None:
         self.token, self.interval = f"{TOKEN_VAR}={token}".encode(), interval
         self.last: dict[str, float] = {}
+        self.names: dict[str, str] = {}
         self.others: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -91,9 +92,11 @@ class TreeCpu:
         for pid in os.listdir("/proc"):
             if not pid.isdigit() or pid in self.others:
                 continue
-            if pid not in self.last and not _has_token(pid, self.token):
-                self.others.add(pid)
-                continue
+            if pid not in self.last:
+                if not _has_token(pid, self.token):
+                    self.others.add(pid)
+                    continue
+                self.names[pid] = _process_name(pid)
             cpu = _cpu_seconds(pid)
             if cpu is not None:
                 self.last[pid] = max(cpu, self.last.get(pid, 0.0))
@@ -107,6 +110,32 @@ class TreeCpu:
     @property
     def total(self) -> float:
         return sum(self.last.values())
+
+    def by_name(self) -> dict[str, float]:
+        """CPU seconds per kind of process (e.g. ``raylet``, ``ray::ImplicitFunc``)."""
+        out: dict[str, float] = {}
+        for pid, cpu in self.last.items():
+            name = self.names.get(pid, "?")
+            out[name] = out.get(name, 0.0) + cpu
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def _process_name(pid: str) -> str:
+    """A short name of a process: Ray's ``ray::...`` title, a binary or a Python script."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    words = [w.decode(errors="replace") for w in argv if w]
+    if not words:
+        return "?"
+    if words[0].startswith("ray::"):
+        return words[0].split()[0]
+    scripts = [w for w in words[1:] if w.endswith(".py") or w == "-m"]
+    if scripts:
+        pick = words[words.index("-m") + 1] if scripts[0] == "-m" else Path(scripts[-1]).name
+        return f"python {pick}"
+    return Path(words[0]).name
 
 
 # ---------------------------------------------------------------- one run of one system
@@ -144,7 +173,9 @@ def run_once(system: str, args: argparse.Namespace, out: Path, name: str) -> dic
         result = platform_result(out / name)
     else:
         result = json.loads(proc.stdout.strip().splitlines()[-1])
-    return summarize(system, result, exited - launched, cpu.total, launched, exited)
+    summary = summarize(system, result, exited - launched, cpu.total, launched, exited)
+    summary["cpu_by_process"] = cpu.by_name()
+    return summary
 
 
 def platform_result(exp_dir: Path) -> dict[str, Any]:
@@ -235,6 +266,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="1 round of 2 trials x 2 epochs")
     p.add_argument("--data-dir", help="prepared DigitsMLT (default: the cache)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also print each run's CPU seconds by kind of process")
     p.add_argument("--platform-root", type=Path, default=ROOT,
                    help="checkout of the platform to time (e.g. `git archive` of an older "
                         "commit, for a before/after); default this one")
@@ -264,6 +297,10 @@ def main() -> None:
         print(row(r))
     if {"platform", "optuna", "ray_tune"} <= set(med):
         print("\n" + "\n".join(ratio_lines(med)))
+    if args.breakdown:
+        for r in runs:
+            top = ", ".join(f"{k} {v:.1f}" for k, v in list(r["cpu_by_process"].items())[:8])
+            print(f"CPU s by process, {r['system']}: {top}")
     print(f"\nplatform data path: {','.join(sorted({r['data_path'] for r in runs if r['system'] == 'platform'}))}; "
           f"load average at the end {os.getloadavg()}")
 
