@@ -96,10 +96,10 @@ class TreeCpu:
                 if not _has_token(pid, self.token):
                     self.others.add(pid)
                     continue
-                self.names[pid] = _process_name(pid)
             cpu = _cpu_seconds(pid)
             if cpu is not None:
                 self.last[pid] = max(cpu, self.last.get(pid, 0.0))
+                self.names[pid] = _process_name(pid)  # Ray workers retitle themselves
                 alive += 1
         return alive
 
