@@ -99,7 +99,9 @@ class TreeCpu:
             cpu = _cpu_seconds(pid)
             if cpu is not None:
                 self.last[pid] = max(cpu, self.last.get(pid, 0.0))
-                self.names[pid] = _process_name(pid)  # Ray workers retitle themselves
+                name = _process_name(pid)  # Ray workers retitle themselves
+                if name != "?":  # not a process that exited since
+                    self.names[pid] = name
                 alive += 1
         return alive
 
@@ -131,6 +133,8 @@ def _process_name(pid: str) -> str:
         return "?"
     if words[0].startswith("ray::"):
         return words[0].split()[0]
+    if "-c" in words[1:3]:
+        return "python -c"
     scripts = [w for w in words[1:] if w.endswith(".py") or w == "-m"]
     if scripts:
         pick = words[words.index("-m") + 1] if scripts[0] == "-m" else Path(scripts[-1]).name
