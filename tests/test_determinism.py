@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from tuner.data.corruption import ViewSpec
+from tuner.data.memory import MemoryEpochs, decode_split, memory_block
 from tuner.data.prepared import PreparedData
 from tuner.data.stream import (
     Decoder,
@@ -41,6 +42,7 @@ from tuner.trainable import (
     _epoch_stream,
     _method_and_model,
     build_train_data,
+    data_path_of,
     load_state_file,
     train_config,
 )
@@ -137,27 +139,65 @@ def test_the_stream_delivers_an_epochs_tasks_in_planned_order(digits_dir: Path,
         stream.close()
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_the_memory_path_gives_the_streams_blocks(digits_dir: Path, world: int) -> None:
+    """Splits decoded once and augmented per task in the trial (the in-memory path) give
+    every rank the same rows, order and pixels as the stream's read + decode tasks."""
+    files = PreparedData(digits_dir).shard_files("train")
+    split = decode_split(files, IMAGE_SIZE)
+    decoder = Decoder(IMAGE_SIZE, "shift")
+    keys = ("epoch", "part", "files", "split_seed")
+    for rank in range(world):
+        udf = _ReadShuffleDecode(decoder, 64, rank, world)
+        plan = plan_epochs(files, IMAGE_SIZE, [0, 3], rows_per_task=128, seed=7, rank=rank,
+                           world=world)
+        assert len(plan) >= 8
+        for item in plan:
+            streamed = udf({key: np.asarray([item[key]], dtype=object) for key in keys})
+            block = memory_block(split, item, decoder, rank, world)
+            assert len(block["index"]) == item["rows"]
+            for key in ("index", "image"):
+                np.testing.assert_array_equal(block[key], streamed[key])
+        epochs = MemoryEpochs(split, IMAGE_SIZE, "shift", seed=7, rank=rank, world=world)
+        default_plan = plan_epochs(files, IMAGE_SIZE, [2], seed=7, rank=rank, world=world)
+        expected = [udf({key: np.asarray([p[key]], dtype=object) for key in keys})
+                    for p in default_plan]
+        got = list(epochs.blocks(2))
+        for key in ("index", "image"):
+            np.testing.assert_array_equal(np.concatenate([b[key] for b in got]),
+                                          np.concatenate([e[key] for e in expected]))
+
+
 # ---------------------------------------------------------------- the loop on the real stream
 class _Interrupted(Exception):
     pass
 
 
 def _fit(digits_dir: Path, state_file: Path, resume: dict[str, Any] | None = None,
-         stop_in_epoch: int | None = None) -> dict[int, dict[str, Any]]:
+         stop_in_epoch: int | None = None, memory: bool = False) -> dict[int, dict[str, Any]]:
     """One trial's loop as the Tune trainable runs it (without Tune): per-epoch metrics.
 
     ``stop_in_epoch``: raise after 3 training batches of that epoch (0-based), as a trial
-    killed mid-epoch; the last end-of-epoch state is in ``state_file``.
+    killed mid-epoch; the last end-of-epoch state is in ``state_file``. ``memory``: train
+    and validate on splits decoded once and shared through the object store, as
+    :func:`tuner.trainable.share_splits` does for a search.
     """
+    import ray
+
     from tuner.loop import fit
 
+    shared = {}
+    if memory:
+        files = PreparedData(digits_dir).shard_files
+        shared = {s: ray.put(decode_split(files(s), IMAGE_SIZE)) for s in ("train", "val")}
     setup = TrialSetup(method="splc", data_dir=str(digits_dir), view=ViewSpec("clean", 0.0, 0),
-                       max_epochs=2, groups=PreparedData(digits_dir).groups())
+                       max_epochs=2, groups=PreparedData(digits_dir).groups(), shared=shared)
     config = {"train": {"lr": 2e-3, "batch_size": 64, "seed": 11}, "method": {"change_epoch": 1}}
     cfg = train_config(config, setup)
     data = PreparedData(setup.data_dir)
     method, model, observed = _method_and_model(config, setup, cfg, data)
     stream = _epoch_stream(data, cfg, setup)
+    assert data_path_of(stream) == ("memory" if memory else "stream")
     train_data = build_train_data(setup, cfg, data, observed, stream, cfg.batch_size)
     if stop_in_epoch is not None:
         batches = train_data.train_batches
@@ -201,4 +241,11 @@ def test_loop_runs_repeat_and_an_interrupted_run_resumes_identically(
     assert sorted(partial) == [1]
     resumed = _fit(digits_dir, killed, resume=load_state_file(killed))
     assert sorted(resumed) == [2]
+    assert {1: partial[1], **resumed} == first
+
+    # splits decoded once per search (the in-memory path): the same metrics, and a trial
+    # killed mid-epoch on it resumes to them as well
+    assert _fit(digits_dir, tmp_path / "a" / STATE_FILE, memory=True) == first
+    partial = _fit(digits_dir, killed, stop_in_epoch=1, memory=True)
+    resumed = _fit(digits_dir, killed, resume=load_state_file(killed), memory=True)
     assert {1: partial[1], **resumed} == first

@@ -52,6 +52,7 @@ def write_space(path: Path, trials: int, epochs: int, concurrency: int) -> Path:
     space = yaml.safe_load((ROOT / "search_spaces/bce.yaml").read_text())
     space["asha"] = {"max_epochs": epochs, "grace_period": epochs, "reduction_factor": 2}
     space["search"].update(num_trials=trials, max_concurrent=concurrency, seed=0)
+    space["resources"]["data_path"] = "stream"  # where the Ray Data decode tasks run
     path.write_text(yaml.safe_dump(space))
     return path
 

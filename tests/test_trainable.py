@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tuner import search
-from tuner.errors import NonFiniteLossError
+from tuner.errors import ConfigError, NonFiniteLossError
 from tuner.space import parse_space
 from tuner.trainable import FATAL_FILE, TrialFatalError, _guard_deterministic
 
@@ -63,3 +63,19 @@ def test_trial_demand_and_auto_concurrency() -> None:
     assert search.concurrency(multi, {"CPU": 64, "GPU": 0}) == 1  # autoscaler: start with one
     assert search.trial_resources(multi, {"trial_driver": 1}) == {
         "cpu": search.DRIVER_CPU, "trial_driver": 0.001}
+
+
+def test_memory_plan_shares_the_splits_only_when_they_fit_the_budget() -> None:
+    from tuner.space import Domain
+    from tuner.trainable import memory_plan
+
+    need = 1389 * (3 * 48 * 48 + 8)  # DigitsMLT train + val as decoded RGB uint8 + index
+    assert memory_plan(1389, 48, need)[0]
+    use, why = memory_plan(1389, 48, need - 1)
+    assert not use and "budget" in why
+    assert memory_plan(1389, 48, need - 1, "memory")[0]  # forced: no budget check
+    assert not memory_plan(1389, 48, 10 * need, "stream")[0]
+    use, why = memory_plan(1389, Domain("choice", (32, 48)), 10 * need)
+    assert not use and "image_size is tuned" in why
+    with pytest.raises(ConfigError, match="data_path: must be one of auto/memory/stream"):
+        memory_plan(1389, 48, need, "ram")

@@ -260,12 +260,38 @@ def state_api_env(dashboard_port: int) -> dict[str, str]:
     return {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
 
 
-def start_ray(args: argparse.Namespace, space: Any) -> None:
+#: seconds a reused trial process waits for the previous trial's function to return
+#: (Tune's default, 2 s, is short for a stream's shutdown on a loaded machine; a reset
+#: that times out fails the next trial)
+REUSE_WAIT_S = "30"
+
+
+def local_worker_env(dashboard_port: int) -> dict[str, str]:
+    """Environment of every process of a local cluster: :func:`state_api_env` and the
+    wait of a reused trial process (``TUNE_FUNCTION_THREAD_TIMEOUT_S``, read there)."""
+    return {**state_api_env(dashboard_port),
+            "TUNE_FUNCTION_THREAD_TIMEOUT_S": os.environ.get("TUNE_FUNCTION_THREAD_TIMEOUT_S",
+                                                             REUSE_WAIT_S)}
+
+
+def reuse_trial_processes(space: Any, local: bool) -> bool:
+    """Whether the next trial may run in a finished or stopped trial's process.
+
+    Only for one-worker trials on a local cluster: there the process waits long enough for
+    the previous trial to return (:data:`REUSE_WAIT_S`). A multi-worker trial's function
+    returns only after its Train worker group is torn down, which overran the wait and left
+    the next trial pending for good (Ray 2.60).
+    """
+    return local and int(space.resources["workers_per_trial"]) == 1
+
+
+def start_ray(args: argparse.Namespace, space: Any) -> bool:
+    """Start a local cluster or join one; True when this search started its own cluster."""
     import ray
 
     if ray.is_initialized():
         check_state_api()
-        return
+        return False
     join = cluster.requested(args.address)
     if join:
         context = cluster.join(*join)
@@ -276,11 +302,12 @@ def start_ray(args: argparse.Namespace, space: Any) -> None:
     else:  # a new cluster, every port on 127.0.0.1
         num_cpus = local_cpus(space, args.num_cpus)
         port = free_port()
-        context = cluster.start_local(num_cpus, port, state_api_env(port))
+        context = cluster.start_local(num_cpus, port, local_worker_env(port))
         where = f"local Ray cluster: {num_cpus} logical CPUs"
     url = getattr(context, "dashboard_url", None)
     print(where + (f"; dashboard at http://{url}" if url else ""))
     check_state_api()
+    return not join
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -305,13 +332,15 @@ def _main(argv: Sequence[str] | None) -> int:
         faults.check_resumable(exp_dir)
     data_dir, setup = prepare_data(space, exp_dir)
     tracking = Tracking.start(args.track, exp_dir, resume)
-    start_ray(args, space)
+    local = start_ray(args, space)
+    setup = share_data(space, setup)
     experiment.write_record(exp_dir, space)
     again = faults.resume_command(sys.argv[1:] if argv is None else argv, exp_dir.name)
     try:  # Ctrl-C, a full disk, the study's unfinished trials: tuner.faults
         with faults.SearchGuard(exp_dir) as guard:
             results = run_search(space, setup, exp_dir, resume=resume,
-                                 callbacks=tracking.callbacks())
+                                 callbacks=tracking.callbacks(),
+                                 reuse_actors=reuse_trial_processes(space, local))
             faults.raise_if_disk_full(results, exp_dir)
             rows = write_outputs(results, space, setup, exp_dir, args, data_dir)
     except KeyboardInterrupt:
@@ -419,11 +448,24 @@ def prepare_data(space: Any, exp_dir: Path | None = None) -> tuple[Path, Any]:
     return data_dir, setup
 
 
+def share_data(space: Any, setup: Any) -> Any:
+    """Decode train + val once for every trial when they fit (:func:`tuner.trainable.share_splits`)."""
+    from tuner.loop import TrainConfig
+    from tuner.trainable import share_splits
+
+    size = space.train.get("image_size", TrainConfig.image_size)
+    return share_splits(setup, size, space.resources["data_path"])
+
+
 def run_search(space: Any, setup: Any, exp_dir: Path, resume: bool = False,
-               callbacks: Sequence[Any] = ()) -> Any:
+               callbacks: Sequence[Any] = (), reuse_actors: bool = False) -> Any:
     """Run (or, with ``resume``, continue) the Tune experiment; returns the ResultGrid.
 
     ``callbacks`` (trackers) join a new search; a resumed one restores those it started with.
+    ``reuse_actors`` (:func:`reuse_trial_processes`): a stopped trial's process (torch, the
+    loop, the shared data mapped) runs the next trial, without a process start and 3 s of
+    imports per trial (:mod:`tuner.trainable` resets every per-trial setting: seeds, torch
+    flags, Ray Data context).
     """
     import ray
     from ray import tune
@@ -467,6 +509,7 @@ def run_search(space: Any, setup: Any, exp_dir: Path, resume: bool = False,
             num_samples=search["num_trials"],
             max_concurrent_trials=concurrency(space, cluster),
             trial_dirname_creator=trial_dirname,
+            reuse_actors=reuse_actors,
         ),
         run_config=tune.RunConfig(
             name=exp_dir.name,
@@ -636,15 +679,24 @@ def best_result(results: Any) -> Any:
 
 
 def score_test(result: Any, setup: Any, space: Any) -> dict[str, float]:
-    """Score the chosen trial's best weights on the test split, once, on the cluster."""
+    """Score the chosen trial's best weights on the test split, once.
+
+    In this process when it can (a CPU trial, or a GPU here): no task and worker to start,
+    about 10 s less on a small machine; in a Ray task with the trial's resources when the
+    trials use GPUs that this driver does not have (a cluster's CPU head node).
+    """
     import ray
+    import torch
 
     from tuner.trainable import evaluate_checkpoint, trial_checkpoint
 
     res = space.resources
+    checkpoint = trial_checkpoint(result)
+    if not res["gpus_per_trial"] or torch.cuda.is_available():
+        return evaluate_checkpoint(checkpoint, result.config, setup, "test")
     task = ray.remote(evaluate_checkpoint).options(
         num_cpus=res["cpus_per_trial"], num_gpus=res["gpus_per_trial"])
-    return ray.get(task.remote(trial_checkpoint(result), result.config, setup, "test"))
+    return ray.get(task.remote(checkpoint, result.config, setup, "test"))
 
 
 def _fmt_metrics(metrics: Mapping[str, float]) -> str:

@@ -52,7 +52,8 @@ SECTIONS = {
                "max_failures": 2, "sampler": "tpe", "scheduler": "asha",
                "stopped_trials": "pruned", "repeats": 0, "repeats_top": 3},
     "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "data_cpus": 1,
-                  "workers_per_trial": 1, "cpus_per_worker": 1, "gpus_per_worker": 0},
+                  "workers_per_trial": 1, "cpus_per_worker": 1, "gpus_per_worker": 0,
+                  "data_path": "auto"},
 }
 BUDGET_NAMES = ("max_epochs",)
 #: the closed choices of the search section
@@ -260,6 +261,9 @@ def _check_settings(space: dict[str, dict[str, Any]], problems: list[str]) -> No
         problems.append("resources.cpus_per_trial: must be > 0 (a trial needs a CPU slot)")
     if isinstance(res["cpus_per_worker"], (int, float)) and res["cpus_per_worker"] <= 0:
         problems.append("resources.cpus_per_worker: must be > 0 (a Train worker needs a CPU slot)")
+    if res["data_path"] not in ("auto", "memory", "stream"):
+        problems.append(f"resources.data_path: must be one of auto/memory/stream, "
+                        f"got {res['data_path']!r}")
     for key, options in SEARCH_CHOICES.items():
         if search[key] not in options:
             problems.append(f"search.{key}: must be one of {'/'.join(options)}, "

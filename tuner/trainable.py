@@ -6,10 +6,15 @@ Tune. A trial builds its method, model and data from the trial ``config`` (``{"t
 checkpoint when relaunched, and reports ``epoch`` plus validation metrics after every epoch
 with a checkpoint of the full state.
 
+* **Data once per search** when the decoded train + val splits fit :data:`MEMORY_SHARE` of
+  the object store (:func:`share_splits`, on the driver): every trial, one worker or
+  several, maps them zero-copy and augments each planned task in its own process
+  (:class:`tuner.data.memory.MemoryEpochs`), with the same batches as the stream below. Each
+  report carries ``data_path`` (``memory`` / ``stream``).
 * **One worker** (``workers_per_trial == 1``): the loop runs in the Tune function itself,
   streaming all its epochs from one Ray Data execution (:class:`tuner.data.stream.EpochStream`:
-  no per-epoch pipeline start-up, the next epoch decodes during validation); checkpoints are
-  Tune checkpoints.
+  no per-epoch pipeline start-up, the next epoch decodes during validation) unless the
+  splits are shared; checkpoints are Tune checkpoints.
 * **Several workers**: the Tune function (a small CPU fraction) runs a Ray Train
   ``TorchTrainer`` (Train V2) named after the Tune trial id, whose workers run the same loop
   data-parallel (:mod:`tuner.distributed`: gradients averaged every step, per-sample method
@@ -100,6 +105,9 @@ class TrialSetup:
     gpus_per_worker: float = 0.0
     #: where multi-worker trials keep their Train runs (the experiment's ``train_runs/``)
     train_storage: str = ""
+    #: splits decoded once by the driver: split name -> ObjectRef of a
+    #: :class:`tuner.data.memory.DecodedSplit` (:func:`share_splits`); empty = stream them
+    shared: Mapping[str, Any] = field(default_factory=dict)
 
 
 def train_config(config: Mapping[str, Any], setup: TrialSetup) -> TrainConfig:
@@ -163,7 +171,9 @@ def build_train_data(
     world_size: int = 1,
 ) -> TrainData:
     """The loop's data: the training stream (or a worker's shard of it) and the val split."""
-    val_images, _ = load_split(data.shard_files("val"), cfg.image_size)
+    val_images = _shared_images(setup, "val", cfg.image_size)
+    if val_images is None:
+        val_images, _ = load_split(data.shard_files("val"), cfg.image_size)
     _, val_targets = data.true_labels("val")
 
     def batches(epoch: int, weights: Any, draws: int | None = None,
@@ -175,7 +185,7 @@ def build_train_data(
         view_repeats = {  # dataset-level views: as many draws as the epoch's main rows
             name: sample_repeats(w, cfg.seed * 100003 + epoch + 7919 * (k + 1), rows)
             for k, (name, w) in enumerate(sorted((views or {}).items()))}
-        source = stream.blocks(epoch) if isinstance(stream, EpochStream) else stream
+        source = stream.blocks(epoch) if hasattr(stream, "blocks") else stream
         rng = np.random.default_rng([cfg.seed, epoch, SHUFFLE_STREAM])  # a resumed epoch alike
         return iter_train_batches(source, batch_size, repeats=repeats,
                                   views=view_repeats or None, rng=rng)
@@ -208,16 +218,105 @@ def _method_and_model(config: Mapping[str, Any], setup: TrialSetup, cfg: TrainCo
     return method, model, observed
 
 
+# ---------------------------------------------------------------- data once per search
+#: share of the object store that the decoded train + val splits may take (else: stream)
+MEMORY_SHARE = 0.25
+DATA_PATHS = ("auto", "memory", "stream")
+
+
+def memory_plan(num_images: int, image_size: Any, budget_bytes: float,
+                data_path: str = "auto") -> tuple[bool, str]:
+    """Whether to decode the train + val splits once per search, and why (one line).
+
+    ``auto``: when the image size is a constant and the decoded splits take at most
+    ``budget_bytes`` (:data:`MEMORY_SHARE` of the object store); ``memory`` / ``stream``
+    force a path (``memory`` still needs a constant image size).
+    """
+    from tuner.data.memory import decoded_bytes
+
+    if data_path not in DATA_PATHS:
+        raise ConfigError(f"resources.data_path: must be one of {'/'.join(DATA_PATHS)}, "
+                          f"got {data_path!r}")
+    if data_path == "stream":
+        return False, "streamed by each trial (resources.data_path: stream)"
+    if not isinstance(image_size, int):
+        return False, "streamed by each trial (train.image_size is tuned)"
+    need = decoded_bytes(num_images, image_size)
+    if data_path == "auto" and need > budget_bytes:
+        return False, (f"streamed by each trial ({need / 2**20:.0f} MiB decoded > budget "
+                       f"{budget_bytes / 2**20:.0f} MiB, {MEMORY_SHARE:.0%} of the object store)")
+    return True, (f"decoded once and shared by every trial ({need / 2**20:.1f} MiB in the "
+                  f"object store, budget {budget_bytes / 2**20:.0f} MiB)")
+
+
+def share_splits(setup: TrialSetup, image_size: Any, data_path: str = "auto") -> TrialSetup:
+    """Driver side: decode train + val once and put them in the object store when they fit
+    (:func:`memory_plan`); returns ``setup`` with their references (or unchanged). Prints
+    which path the trials use."""
+    import dataclasses
+
+    import ray
+
+    from tuner.data.memory import decode_split
+
+    data = PreparedData(setup.data_dir)
+    splits = data.manifest["splits"]
+    num = sum(int(splits[s]["num_images"]) for s in ("train", "val"))
+    budget = MEMORY_SHARE * float(ray.cluster_resources().get("object_store_memory", 0.0))
+    use, why = memory_plan(num, image_size, budget, data_path)
+    print(f"data: train + val {why}")
+    if not use:
+        return setup
+    shared = {s: ray.put(decode_split(data.shard_files(s), image_size)) for s in ("train", "val")}
+    return dataclasses.replace(setup, shared=shared)
+
+
+def _shared_split(setup: TrialSetup, split: str, image_size: int) -> Any:
+    """The driver's decoded ``split`` (zero-copy from the object store), or None."""
+    ref = setup.shared.get(split)
+    if ref is None:
+        return None
+    import ray
+
+    decoded = ray.get(ref)
+    return decoded if decoded.images.shape[-1] == image_size else None
+
+
+def _shared_images(setup: TrialSetup, split: str, image_size: int) -> torch.Tensor | None:
+    import warnings
+
+    decoded = _shared_split(setup, split, image_size)
+    if decoded is None:
+        return None
+    with warnings.catch_warnings():  # read-only shared memory; the loop never writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(decoded.images)
+
+
+def data_path_of(stream: Any) -> str:
+    """``memory`` or ``stream``: which path a trial's training data took (a reported metric)."""
+    from tuner.data.memory import MemoryEpochs
+
+    return "memory" if isinstance(stream, MemoryEpochs) else "stream"
+
+
 def _epoch_stream(data: PreparedData, cfg: TrainConfig, setup: TrialSetup, rank: int = 0,
-                  world: int = 1) -> EpochStream:
-    """A trial's training epochs as one Ray Data execution: the whole stream (one worker)
-    or rank ``rank``'s disjoint share of it (``world`` workers, each with the trial's
-    ``data_cpus / world``). Every rank plans the epochs alike from ``train.seed``, and the
-    stream delivers each epoch's tasks in their planned order."""
+                  world: int = 1) -> Any:
+    """A trial's training epochs: from the splits the driver decoded once
+    (:class:`tuner.data.memory.MemoryEpochs`, when :func:`share_splits` shared them at this
+    image size), else as one Ray Data execution: the whole stream (one worker) or rank
+    ``rank``'s disjoint share of it (``world`` workers, each with the trial's
+    ``data_cpus / world``). Either way every rank plans the epochs alike from
+    ``train.seed`` and gets each epoch's tasks in their planned order: the same batches."""
     seed = cfg.seed
+    augment = data.manifest["image"].get("augment", "flip")
+    decoded = _shared_split(setup, "train", cfg.image_size)
+    if decoded is not None:
+        from tuner.data.memory import MemoryEpochs
+
+        return MemoryEpochs(decoded, cfg.image_size, augment, seed, rank, world)
     data_cpus = setup.data_cpus / world
     configure_data_context(data_cpus)
-    augment = data.manifest["image"].get("augment", "flip")
     files = data.shard_files("train")
 
     def make(epochs: Any) -> Any:
@@ -257,7 +356,11 @@ def _train_trial(config: dict[str, Any], setup: TrialSetup, started_at: float) -
     context = tune.get_context()
     trial_id, experiment = context.get_trial_id(), context.get_experiment_name()
 
+    path = data_path_of(stream)
+
     def report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+        # wall-clock trial start and report times: benchmarks/peers.py's driver overhead
+        metrics.update(data_path=path, trial_started_at=started_at, reported_at=time.time())
         trial_metrics(metrics, trial_id, experiment)
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(state, os.path.join(tmp, STATE_FILE))
@@ -353,8 +456,10 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     per_worker = max(1, math.ceil(cfg.batch_size / world))
     train_data = build_train_data(setup, cfg, data, observed, stream, per_worker, world)
 
+    path = data_path_of(stream)
+
     def report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
-        metrics = {**metrics, "workers": world}
+        metrics = {**metrics, "workers": world, "data_path": path}
         if loop_config.get("started_at") is not None:  # trial start -> this worker's loop
             metrics["worker_start_time"] = max(0.0, entered - loop_config["started_at"])
         if rank != 0:

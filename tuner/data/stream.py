@@ -114,7 +114,15 @@ class Decoder:
                   rng: np.random.Generator | None = None) -> None:
         """Decode + augment ``encoded`` into ``out`` (``(B, 3, S, S)`` uint8) in place;
         the augmentation draws come from ``rng`` (default: a generator from ``seed``)."""
-        images = self.decode(encoded)
+        self.augment_decoded(self.decode(encoded), out, rng)
+
+    def augment_decoded(self, images: np.ndarray, out: np.ndarray,
+                        rng: np.random.Generator | None = None) -> None:
+        """Augment already decoded ``(B, C, S, S)`` uint8 ``images`` into ``out`` (C = 1 or 3).
+
+        The second half of :meth:`transform`, with the same draws: the in-memory training
+        path (:class:`MemoryEpochs`) augments images decoded once per search with it.
+        """
         if self.augment == "none":
             out[...] = images  # grey (B, 1, S, S) broadcasts to three channels
         else:
@@ -362,8 +370,12 @@ def plan_epochs(
     seed: int | None = None,
     rank: int = 0,
     world: int = 1,
+    counts: Sequence[int] | None = None,
 ) -> list[dict]:
     """The tasks of :func:`epochs_dataset`: ``{epoch, part, files, split_seed, rows}`` per task.
+
+    ``counts`` (rows of each file, when the caller knows them) saves reading the shards'
+    Parquet footers.
 
     Each epoch puts the shards in a random order and groups them into tasks of about
     ``rows_per_task`` rows; ``part`` numbers an epoch's tasks from 0 (the order in which
@@ -382,7 +394,8 @@ def plan_epochs(
         raise ValueError("a stream split over several ranks needs a seed shared by all ranks")
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is outside the world of {world} workers")
-    counts = [pq.read_metadata(f).num_rows for f in files]
+    if counts is None:
+        counts = [pq.read_metadata(f).num_rows for f in files]
     rows_per_task = rows_per_task or rows_per_task_for(image_size)
     tasks = min(len(files), max(1, -(-sum(counts) // max(1, rows_per_task))))
     shared = np.random.default_rng() if seed is None else None  # unseeded: one generator
