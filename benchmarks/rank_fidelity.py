@@ -160,7 +160,7 @@ def run_method(method: str, args: argparse.Namespace, options: Sequence[str]) ->
     runs = load_runs(out)
     for option in options:
         for k, config in enumerate(configs):
-            if (option, k) in runs:
+            if (option, k) in runs or args.report_only:
                 continue
             run = {"train": {**config["train"], **OPTIONS[option]}, "method": config["method"]}
             t0 = time.perf_counter()
@@ -171,19 +171,25 @@ def run_method(method: str, args: argparse.Namespace, options: Sequence[str]) ->
                                     "curve": curve}) + "\n")
             print(f"{method} {option} #{k}: final best {max(curve):.2f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    return {o: np.array([runs[(o, k)] for k in range(len(configs))]) for o in options}
+    done = {o: [runs[(o, k)] for k in range(len(configs)) if (o, k) in runs] for o in options}
+    return {o: np.array(c) for o, c in done.items() if len(c) >= 3}  # fewer ranks nothing
 
 
 def report(method: str, curves: Mapping[str, np.ndarray]) -> dict[str, Any]:
     summary = {}
-    print(f"\n## {method}: Spearman with the final best (n = {len(next(iter(curves.values())))})")
+    print(f"\n## {method}: Spearman with the final best")
     for option, c in curves.items():
         table = fidelity_table(c)
         finals = c.max(axis=1)
-        print(f"\n{option}: final best mean {finals.mean():.2f}, max {finals.max():.2f}")
+        print(f"\n{option} (n = {len(c)}): final best mean {finals.mean():.2f}, "
+              f"max {finals.max():.2f}")
         print(table.round(2).to_string())
         summary[option] = {"fidelity": {str(e): table[e].to_dict() for e in table},
-                           "final_mean": float(finals.mean()), "final_max": float(finals.max())}
+                           "final_mean": float(finals.mean()), "final_max": float(finals.max()),
+                           "n": len(c)}
+    common = min(len(c) for c in curves.values())
+    paired = ", ".join(f"{o} {c[:common].max(axis=1).mean():.2f}" for o, c in curves.items())
+    print(f"\npaired, the first {common} configurations: mean final best {paired}")
     return summary
 
 
@@ -195,6 +201,8 @@ def main() -> None:
     p.add_argument("--options", default=",".join(OPTIONS), help=f"of {list(OPTIONS)}")
     p.add_argument("--out", default="experiments/rank-fidelity")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: the tables from the runs already in --out")
     args = p.parse_args()
     options = [o for o in args.options.split(",") if o]
     unknown = sorted(set(options) - set(OPTIONS))
@@ -204,7 +212,8 @@ def main() -> None:
     summary = {}
     for method in args.methods.split(","):
         summary[method] = report(method, run_method(method, args, options))
-    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))
+    if not args.report_only:
+        (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":
