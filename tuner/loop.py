@@ -6,6 +6,11 @@ logits), a guarded optimizer step, the LR schedule, the EMA update and
 model -> ``report(metrics, state)``. ``state`` holds everything needed to continue exactly:
 model, optimizer, schedule, grad scaler, EMA, RNG states, the method's own state and the best
 weights so far (chosen on validation mAP only).
+
+The learning-rate schedule (:func:`lr_factor`) is a pure function of the step: ``cosine``
+is defined on the whole budget ``max_epochs``; ``constant`` and ``rsqrt`` with a warm-up in
+epochs (``warmup_epochs``) train an epoch the same whatever the budget, which is what lets an
+early ASHA rung rank trials as their full runs do (``docs/search.md``).
 """
 
 from __future__ import annotations
