@@ -41,7 +41,7 @@ class Hill(Method):
     ``exp(gamma * logsigmoid(m - z))``, both exact and finite at extreme logits.
 
     Tuned in ``search_spaces/hill.yaml`` with a learning-rate schedule that does not depend
-    on the epoch budget (``schedule: rsqrt``), so that ASHA's early rungs rank trials as the
+    on the epoch budget (``schedule: constant`` after a warm-up in epochs), so that ASHA's early rungs rank trials as the
     full runs do; the choice and ``grace_period`` are measured in ``benchmarks/RESULTS.md``
     section 7 (``docs/search.md``).
     """

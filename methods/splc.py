@@ -48,7 +48,7 @@ class SPLC(Method):
     weights are ``exp(gamma * logsigmoid(.))`` and not detached, as in the release.
 
     Tuned in ``search_spaces/splc.yaml`` with a learning-rate schedule that does not depend
-    on the epoch budget (``schedule: rsqrt``): under warm-up + cosine over the budget the
+    on the epoch budget (``schedule: constant`` after a warm-up in epochs): under warm-up + cosine over the budget the
     lowest learning rates lead after one epoch and finish last, which inverts ASHA's first
     rung; the choice and ``grace_period`` are measured in ``benchmarks/RESULTS.md`` section 7.
     """
