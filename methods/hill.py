@@ -39,6 +39,11 @@ class Hill(Method):
     batch (the released code sums over the batch too, i.e. it is ``B`` times larger).
     ``log p_m`` is ``logsigmoid(z - m)`` and the focal factor is
     ``exp(gamma * logsigmoid(m - z))``, both exact and finite at extreme logits.
+
+    Tuned in ``search_spaces/hill.yaml`` with a learning-rate schedule that does not depend
+    on the epoch budget (``schedule: constant`` after a warm-up in epochs), so that ASHA's early rungs rank trials as the
+    full runs do; the choice and ``grace_period`` are measured in ``benchmarks/RESULTS.md``
+    section 7 (``docs/search.md``).
     """
 
     name = "hill"

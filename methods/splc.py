@@ -46,6 +46,11 @@ class SPLC(Method):
     Logits and targets are ``(B, C)``; the loss is summed over classes and averaged over the
     batch (the released code sums over the batch too, i.e. it is ``B`` times larger). Focal
     weights are ``exp(gamma * logsigmoid(.))`` and not detached, as in the release.
+
+    Tuned in ``search_spaces/splc.yaml`` with a learning-rate schedule that does not depend
+    on the epoch budget (``schedule: constant`` after a warm-up in epochs): under warm-up + cosine over the budget the
+    lowest learning rates lead after one epoch and finish last, which inverts ASHA's first
+    rung; the choice and ``grace_period`` are measured in ``benchmarks/RESULTS.md`` section 7.
     """
 
     name = "splc"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import methods
 from methods.base import Method, MethodParams, TaskInfo, hp
 from tuner.backbones import build_model
 from tuner.errors import NonFiniteLossError
-from tuner.loop import TrainConfig, TrainData, fit, lr_factor
+from tuner.loop import SCHEDULES, TrainConfig, TrainData, ema_decay_for, fit, lr_factor
 
 N, C, S = 48, 4, 16
 
@@ -189,6 +190,68 @@ def test_schedule_is_defined_on_the_full_budget() -> None:
     assert int(np.argmax(factors)) == 20
     assert factors[-1] == pytest.approx(0.0, abs=1e-6)
     assert lr_factor(50, total, _cfg(schedule="constant")) == 1.0
+
+
+def test_each_schedule_gives_the_learning_rates_of_its_formula() -> None:
+    """Hand-computed factors: 4 steps an epoch, warm-up 0.5 epoch = 2 steps (0.04 -> 1)."""
+    def factors(schedule: str, total: int = 10, **kw: float) -> list[float]:
+        cfg = _cfg(schedule=schedule, warmup_epochs=0.5, **kw)
+        return [lr_factor(s, total, cfg, steps_per_epoch=4) for s in (0, 1, 2, 6, 10, 14)]
+
+    warm = [0.04, 0.52]
+    assert factors("constant") == pytest.approx(warm + [1.0, 1.0, 1.0, 1.0])
+    # rsqrt: 1 / sqrt(1 + epochs since the warm-up) = 1, 1/sqrt(2), 1/sqrt(3), 1/2
+    assert factors("rsqrt") == pytest.approx(warm + [1.0, 0.5**0.5, 3**-0.5, 0.5])
+    # cosine over the 8 steps after the warm-up of a 10-step budget, 0 from the end on
+    assert factors("cosine") == pytest.approx(warm + [1.0, 0.5, 0.0, 0.0], abs=1e-12)
+    assert factors("cosine", total=18) == pytest.approx(
+        warm + [1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))])
+    # only cosine depends on the budget
+    assert factors("rsqrt", total=18) == factors("rsqrt")
+    assert factors("constant", total=1000) == factors("constant")
+    # warm-up from warmup_frac when warmup_epochs is 0: 20% of 10 steps = 2 steps again
+    frac = _cfg(schedule="constant", warmup_frac=0.2)
+    assert [lr_factor(s, 10, frac, 4) for s in (0, 1, 2)] == pytest.approx(warm + [1.0])
+    assert lr_factor(0, 10, _cfg(schedule="rsqrt", warmup_frac=0.0), 4) == 1.0
+
+
+def test_the_loop_applies_the_schedule_whatever_the_budget() -> None:
+    """Reported LR after each epoch of 3 steps, warm-up 1 epoch (3 steps): rsqrt gives
+    1, 1/sqrt(2), 1/sqrt(3) x lr in a 3-epoch and in a 5-epoch run alike."""
+    expected = [3e-3 * f for f in (1.0, 2**-0.5, 3**-0.5)]
+    for budget in (3, 5):
+        cfg = _cfg(schedule="rsqrt", warmup_epochs=1.0, max_epochs=budget)
+        lrs = [m["lr"] for m, _ in _run("bce", cfg, stop_after=3)]
+        assert lrs == pytest.approx(expected, rel=1e-9)
+
+
+def test_ema_horizon_in_epochs_sets_the_decay() -> None:
+    assert ema_decay_for(_cfg(ema_epochs=2.0, ema_decay=0.5), steps_per_epoch=3) == pytest.approx(
+        1 - 1 / 6)
+    assert ema_decay_for(_cfg(ema_epochs=0.0, ema_decay=0.5), steps_per_epoch=3) == 0.5
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_a_killed_run_resumes_its_schedule_and_average_identically(schedule: str,
+                                                                  tmp_path: Path) -> None:
+    """Stopped after epoch 1, resumed from the checkpoint file (restricted loader): the
+    learning rates, metrics and weights (model and EMA) of epochs 2-3 equal the unbroken run's."""
+    from tuner.trainable import load_state_file
+
+    cfg = _cfg(schedule=schedule, warmup_epochs=0.5, ema_epochs=1.0, ema_decay=0.0)
+    full = _run("splc", cfg)
+    first = _run("splc", cfg, stop_after=1)
+    torch.save(first[-1][1], tmp_path / "state.pt")
+    resumed = _run("splc", cfg, resume=load_state_file(tmp_path / "state.pt"))
+    assert [m["epoch"] for m, _ in resumed] == [2, 3]
+    for (a, _), (b, _) in zip(full[1:], resumed):
+        assert a["lr"] == b["lr"]
+        assert a["val_model"] == b["val_model"]
+        assert a["val_mAP"] == pytest.approx(b["val_mAP"], rel=1e-6)
+    for key, value in full[-1][1]["step"]["ema"].items():
+        torch.testing.assert_close(value, resumed[-1][1]["step"]["ema"][key])
+    for key, value in full[-1][1]["model"].items():
+        torch.testing.assert_close(value, resumed[-1][1]["model"][key])
 
 
 def test_train_config_validation_names_the_field() -> None:

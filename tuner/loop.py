@@ -6,6 +6,11 @@ logits), a guarded optimizer step, the LR schedule, the EMA update and
 model -> ``report(metrics, state)``. ``state`` holds everything needed to continue exactly:
 model, optimizer, schedule, grad scaler, EMA, RNG states, the method's own state and the best
 weights so far (chosen on validation mAP only).
+
+The learning-rate schedule (:func:`lr_factor`) is a pure function of the step: ``cosine``
+is defined on the whole budget ``max_epochs``; ``constant`` and ``rsqrt`` with a warm-up in
+epochs (``warmup_epochs``) train an epoch the same whatever the budget, which is what lets an
+early ASHA rung rank trials as their full runs do (``docs/search.md``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from tuner.metrics import evaluate as score_metrics
 
 Reporter = Callable[[dict[str, Any], dict[str, Any]], None]
 
+#: learning-rate shapes after the warm-up (:func:`lr_factor`); only ``cosine`` needs the budget
+SCHEDULES = ("cosine", "constant", "rsqrt")
+
 
 @dataclass(frozen=True)
 class TrainConfig(MethodParams):
@@ -43,14 +51,19 @@ class TrainConfig(MethodParams):
     lr: float = hp(5e-3, 0.0, 10.0, low_open=True, doc="peak learning rate")
     weight_decay: float = hp(1e-4, 0.0, 1.0, doc="decoupled; not applied to biases and norms")
     momentum: float = hp(0.9, 0.0, 1.0, high_open=True, doc="SGD momentum")
-    schedule: str = hp("cosine", choices=("cosine", "constant"))
+    schedule: str = hp("cosine", choices=SCHEDULES,
+                       doc="after warm-up: cosine to 0 at max_epochs | constant | rsqrt")
     warmup_frac: float = hp(0.1, 0.0, 0.9, doc="share of all steps with linear warm-up")
+    warmup_epochs: float = hp(0.0, 0.0, 1e4, doc="warm-up length in epochs, whatever the "
+                              "budget; 0 = warmup_frac of the budget")
     ema_decay: float = hp(0.0, 0.0, 1.0, high_open=True, doc="model EMA decay; 0 = off")
+    ema_epochs: float = hp(0.0, 0.0, 1e4, doc="model EMA horizon in epochs (decay 1 - 1 / "
+                           "(ema_epochs x steps per epoch)); 0 = ema_decay decides")
     amp: bool = hp(False, choices=(False, True), doc="bfloat16 autocast on GPU")
     channels_last: bool = hp(False, choices=(False, True),
                              doc="NHWC memory format for model and images (faster convs on GPU)")
     grad_clip: float = hp(0.0, 0.0, 1e6, doc="max grad norm; 0 = off")
-    max_epochs: int = hp(6, 1, 10000, doc="epoch budget; schedules are defined on it")
+    max_epochs: int = hp(6, 1, 10000, doc="epoch budget; the cosine schedule ends on it")
     seed: int = hp(0, 0, 2**31 - 1)
     eval_batch_size: int = hp(256, 1, 65536)
     threshold: float = hp(0.5, 0.0, 1.0, low_open=True, high_open=True, doc="F1 threshold")
@@ -146,15 +159,47 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warm-up from 4% then cosine decay to 0, over the full budget ``total``."""
+def warmup_steps(total: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """Warm-up length in steps: ``warmup_epochs`` epochs when set, else ``warmup_frac`` of
+    the budget. Epochs make it the same in a short rung and a long run (rungs that rank)."""
+    if cfg.warmup_epochs > 0:
+        return cfg.warmup_epochs * max(steps_per_epoch, 1)
+    return cfg.warmup_frac * total
+
+
+def lr_factor(step: int, total: int, cfg: TrainConfig, steps_per_epoch: int = 1) -> float:
+    """Multiplier of the peak LR after ``step`` optimizer steps of ``total``.
+
+    Linear warm-up from 4% over ``W`` steps (:func:`warmup_steps`), then, ``t = step - W``:
+
+    * ``cosine``: ``0.5 (1 + cos(pi t / (total - W)))``, to 0 at the end of the budget; an
+      early epoch then runs at a learning rate that depends on ``max_epochs``;
+    * ``constant``: 1;
+    * ``rsqrt``: ``1 / sqrt(1 + t / steps_per_epoch)``, a decay in epochs that knows no budget
+      (0.71 one epoch after the warm-up, 0.5 after three).
+
+    Only ``cosine`` reads ``total``: with the other two an epoch trains the same whatever
+    the budget, so a trial at ASHA's first rung is the start of the full run's trajectory.
+    """
+    warm = warmup_steps(total, steps_per_epoch, cfg)
+    if step < warm:
+        return 0.04 + 0.96 * step / warm
+    since = step - warm
     if cfg.schedule == "constant":
         return 1.0
-    progress = min(step / max(total, 1), 1.0)
-    if progress < cfg.warmup_frac:
-        return 0.04 + 0.96 * progress / cfg.warmup_frac
-    rest = (progress - cfg.warmup_frac) / max(1.0 - cfg.warmup_frac, 1e-8)
+    if cfg.schedule == "rsqrt":
+        return 1.0 / math.sqrt(1.0 + since / max(steps_per_epoch, 1))
+    rest = min(since / max(total - warm, 1e-8), 1.0)
     return 0.5 * (1.0 + math.cos(math.pi * rest))
+
+
+def ema_decay_for(cfg: TrainConfig, steps_per_epoch: int) -> float:
+    """The EMA's decay: from its horizon in epochs (``ema_epochs``) when set, else
+    ``ema_decay``. A horizon in epochs keeps the average as short at 14 steps an epoch as at
+    600, so the averaged model at an early rung is not mostly its initial weights."""
+    if cfg.ema_epochs > 0:
+        return max(0.0, 1.0 - 1.0 / (cfg.ema_epochs * max(steps_per_epoch, 1)))
+    return cfg.ema_decay
 
 
 class ModelEma:
@@ -233,14 +278,16 @@ class _Step:
         device: torch.device,
         lr_scale: Callable[[str], float] | None = None,
         grad_sync: Callable[[nn.Module], None] | None = None,
+        steps_per_epoch: int = 1,
     ):
         self.model, self.cfg, self.total, self.device = model, cfg, total_steps, device
         self.grad_sync = grad_sync
         self.optimizer = build_optimizer(model, cfg, lr_scale)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, total_steps, cfg)
+            self.optimizer, lambda s: lr_factor(s, total_steps, cfg, steps_per_epoch)
         )
-        self.ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        decay = ema_decay_for(cfg, steps_per_epoch)
+        self.ema = ModelEma(model, decay) if decay > 0 else None
         self.amp = cfg.amp and device.type == "cuda"
 
     def __call__(self, method: Method, batch: dict[str, Tensor], where: str) -> dict[str, Tensor]:
@@ -358,6 +405,7 @@ def fit(
     step = _Step(
         model, cfg, cfg.max_epochs * steps_per_epoch, device, lr_scale=method.lr_scale,
         grad_sync=None if dist is None else dist.average_gradients,
+        steps_per_epoch=steps_per_epoch,
     )
     start_epoch, best = 0, {"val_mAP": -math.inf, "epoch": 0, "model": None, "metrics": {}}
     if resume is not None:
