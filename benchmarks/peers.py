@@ -19,7 +19,7 @@ steady epoch (train + validation, first epoch of each trial left out) and the dr
 run, the medians per system and the platform's ratios against the issue's targets.
 
     python benchmarks/peers.py                 # 3 rounds of the full job (about 15 min, 2 cores)
-    python benchmarks/peers.py --quick         # 1 round of 2 trials x 2 epochs (a smoke run)
+    python benchmarks/peers.py --quick         # 1 round of 2 trials x 2 epochs, grace 1 (a smoke run)
 
 Linux only (``/proc``). Timings on a loaded machine are not figures; give ``uptime`` with them.
 """
@@ -145,14 +145,15 @@ def _process_name(pid: str) -> str:
 # ---------------------------------------------------------------- one run of one system
 def command(system: str, args: argparse.Namespace, out: Path, name: str) -> list[str]:
     size = ["--trials", str(args.trials), "--epochs", str(args.epochs)]
+    grace = ["--grace-period" if system == "platform" else "--grace", str(args.grace)]
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     if system == "platform":
         return [sys.executable, "-m", "tuner.search", "--method", "hill", "--space",
                 str(args.platform_root / "search_spaces" / "hill.yaml"), "--out", str(out),
-                "--name", name, "--grace-period", "2", *size, *data]
+                "--name", name, *grace, *size, *data]
     script = {"optuna": "plain_optuna.py", "ray_tune": "stock_ray_tune.py"}[system]
     extra = ["--out", str(out / name)] if system == "ray_tune" else []
-    return [sys.executable, str(PEERS / script), *size, *data, *extra]
+    return [sys.executable, str(PEERS / script), *size, *grace, *data, *extra]
 
 
 def run_once(system: str, args: argparse.Namespace, out: Path, name: str) -> dict[str, Any]:
@@ -267,6 +268,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--grace", type=int, default=4,
+                   help="ASHA grace period / pruner min resource (search_spaces/hill.yaml: 4)")
     p.add_argument("--quick", action="store_true", help="1 round of 2 trials x 2 epochs")
     p.add_argument("--data-dir", help="prepared DigitsMLT (default: the cache)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset")
@@ -277,7 +280,7 @@ def main() -> None:
                         "commit, for a before/after); default this one")
     args = p.parse_args()
     if args.quick:
-        args.rounds, args.trials, args.epochs = 1, 2, 2
+        args.rounds, args.trials, args.epochs, args.grace = 1, 2, 2, 1
     systems = [s for s in args.systems.split(",") if s]
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:

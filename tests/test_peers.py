@@ -20,24 +20,51 @@ from tuner.data.stream import Decoder  # noqa: E402
 from tuner.loop import TrainConfig, lr_factor  # noqa: E402
 
 
-def test_peer_schedule_is_the_loops_warm_up_and_cosine() -> None:
-    cfg = TrainConfig(warmup_frac=workload.WARMUP)
-    total = 8 * math.ceil(889 / workload.BATCH)
+def test_peer_schedule_and_ema_are_the_shipped_hill_spaces() -> None:
+    """The peers hard-code search_spaces/hill.yaml's training knobs; the loop computes them
+    from the space, so a change of the space that the peers miss fails here."""
+    import yaml
+
+    from tuner.loop import ema_decay_for
+
+    space = yaml.safe_load((Path(__file__).resolve().parents[1] / "search_spaces/hill.yaml")
+                           .read_text())
+    knobs = {k: v for k, v in space["train"].items() if not isinstance(v, dict)}
+    cfg = TrainConfig(**knobs)
+    assert (cfg.image_size, cfg.batch_size) == (workload.IMAGE_SIZE, workload.BATCH)
+    assert space["asha"]["grace_period"] == workload.GRACE
+    lr = space["train"]["lr"]["loguniform"]
+    assert workload.suggest(_Fixed())["lr"] == pytest.approx(lr[0])
+    steps = math.ceil(2571 / workload.BATCH)
+    total = space["asha"]["max_epochs"] * steps
     for step in range(total + 1):
-        assert workload._lr(step, total) == pytest.approx(lr_factor(step, total, cfg), abs=1e-12)
+        assert workload._lr(step, steps) == pytest.approx(lr_factor(step, total, cfg, steps),
+                                                          abs=1e-12)
+    data = workload.Data(*(np.zeros((2, 3, 24, 24), np.uint8), np.ones((2, 10), np.float32)) * 3,
+                         num_classes=10)
+    run = workload.Run({"lr": 1e-3, "weight_decay": 1e-4, "lam": 1.5, "margin": 1.0,
+                        "gamma": 2.0}, data, max_epochs=1)
+    assert run.ema_decay == pytest.approx(ema_decay_for(cfg, 1))
+
+
+class _Fixed:
+    """An Optuna-like trial that suggests each float range's low end."""
+
+    def suggest_float(self, name: str, low: float, high: float, log: bool = False) -> float:
+        return low
 
 
 def test_peer_augmentation_is_the_platforms_shift() -> None:
-    images = np.random.default_rng(0).integers(0, 256, (40, 3, 48, 48), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 256, (40, 3, 24, 24), dtype=np.uint8)
     ours = workload._shift(images, np.random.default_rng(5))
     out = np.empty_like(images)
-    Decoder(48, "shift").augment_decoded(images, out, np.random.default_rng(5))
+    Decoder(24, "shift").augment_decoded(images, out, np.random.default_rng(5))
     np.testing.assert_array_equal(ours, out)
 
 
 def test_peer_loss_and_model_are_the_platforms() -> None:
     config = {"lr": 1e-3, "weight_decay": 1e-4, "lam": 1.7, "margin": 0.5, "gamma": 1.5}
-    data = workload.Data(*(np.zeros((2, 3, 48, 48), np.uint8), np.ones((2, 10), np.float32)) * 3,
+    data = workload.Data(*(np.zeros((2, 3, 24, 24), np.uint8), np.ones((2, 10), np.float32)) * 3,
                          num_classes=10)
     run = workload.Run(config, data, max_epochs=1)
     task = TaskInfo(num_classes=10, num_train=2, class_counts=(2,) * 10, max_epochs=1)

@@ -1,7 +1,7 @@
 """Peer B: the hill search as plain Optuna, as its documentation shows it.
 
-TPE (seeded, 2 random start-up trials) + ``SuccessiveHalvingPruner`` (min resource 2 epochs,
-reduction factor 2), 8 trials of at most 8 epochs, two at once in this process
+TPE (seeded, 2 random start-up trials) + ``SuccessiveHalvingPruner`` (min resource GRACE = 4
+epochs as hill.yaml, reduction factor 2), 8 trials of at most 8 epochs, two at once in this process
 (``study.optimize(n_jobs=2)``), the decoded images held in memory; the best trial's best
 weights scored on test at the end. Prints one JSON line (read by ``benchmarks/peers.py``).
 
@@ -16,13 +16,14 @@ import time
 
 import optuna
 import torch
-from workload import Run, load_data, suggest
+from workload import GRACE, Run, load_data, suggest
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--grace", type=int, default=GRACE, help="first rung, epochs (hill.yaml: 4)")
     p.add_argument("--data-dir")
     args = p.parse_args()
     torch.set_num_threads(1)  # one core per trial, two trials at once
@@ -53,7 +54,7 @@ def main() -> None:
     study = optuna.create_study(
         direction="maximize",
         sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=2),
-        pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=2, reduction_factor=2),
+        pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=args.grace, reduction_factor=2),
     )
     study.optimize(objective, n_trials=args.trials, n_jobs=2)
     finished = [t for t in study.trials if t.intermediate_values]

@@ -2,9 +2,9 @@
 
 A function trainable fed the decoded images through ``tune.with_parameters`` (one copy in
 the object store), ``OptunaSearch`` (seeded TPE, 2 random start-up trials) + ``ASHAScheduler``
-(grace 2, reduction 2, max 8 epochs), 8 trials, 2 at once with 1 CPU each, a checkpoint per
-epoch; the best trial's best weights scored on test in this process at the end. Prints one
-JSON line (read by ``benchmarks/peers.py``).
+(grace GRACE = 4 as hill.yaml, reduction 2, max 8 epochs), 8 trials, 2 at once with 1 CPU
+each, a checkpoint per epoch; the best trial's best weights scored on test in this process at
+the end. Prints one JSON line (read by ``benchmarks/peers.py``).
 
     python benchmarks/peers/stock_ray_tune.py [--trials 8 --epochs 8 --data-dir DIR]
 """
@@ -23,7 +23,7 @@ import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
-from workload import Data, Run, load_data, suggest
+from workload import GRACE, Data, Run, load_data, suggest
 
 
 def train_fn(config: dict, data: Data, max_epochs: int) -> None:
@@ -47,6 +47,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--grace", type=int, default=GRACE, help="first rung, epochs (hill.yaml: 4)")
     p.add_argument("--data-dir")
     p.add_argument("--out", default=tempfile.gettempdir())
     args = p.parse_args()
@@ -60,7 +61,7 @@ def main() -> None:
         tune_config=tune.TuneConfig(
             metric="val_mAP", mode="max", search_alg=searcher, num_samples=args.trials,
             max_concurrent_trials=2,
-            scheduler=ASHAScheduler(time_attr="epoch", max_t=args.epochs, grace_period=2,
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=args.epochs, grace_period=args.grace,
                                     reduction_factor=2)),
         run_config=tune.RunConfig(storage_path=os.path.abspath(args.out), verbose=0,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
