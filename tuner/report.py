@@ -309,17 +309,16 @@ class TestedRun:
         trial_id: the search trial whose leaderboard row carries the test figures (with
             ``search.repeats``: the winning configuration's search trial).
         config: the run's configuration (with repeats: the winner's, with the scored seed).
-        checkpoint: its ``state.pt``, found lazily by :meth:`state_file`.
         run: ``""`` for a search trial, ``"repeats"`` for a re-trained seed.
         run_trial_id: the Tune trial id inside ``run``.
-        seeds: repeats only: ``(seeds, val mean, val std, test mean, test std)``.
+
+    Its ``state.pt`` is found by :meth:`state_file`.
     """
 
     trial_id: str
     config: dict[str, Any]
     run: str = ""
     run_trial_id: str = ""
-    seeds: tuple[float, ...] = ()
 
     def state_file(self, exp: Experiment) -> Path:
         return trial_checkpoint(exp, self.run_trial_id or self.trial_id, self.run)
@@ -336,20 +335,10 @@ def tested_run(exp: Experiment) -> TestedRun:
                      & (table["seed"] == int(info.get("test_from_seed", -1)))]
         if not mine.empty:
             row = mine.iloc[0]
-            seeds = tuple(_num(info.get(k)) for k in ("seeds", "val_mAP_mean", "val_mAP_std",
-                                                        "test_mAP_mean", "test_mAP_std"))
             return TestedRun(trial_id=str(info["winner_trial"]), config=json.loads(row["config"]),
-                             run="repeats", run_trial_id=str(row["repeat_trial_id"]),
-                             seeds=seeds)
+                             run="repeats", run_trial_id=str(row["repeat_trial_id"]))
     row = _best_row(exp)
     return TestedRun(trial_id=str(row["trial_id"]), config=json.loads(row["config"]))
-
-
-def _num(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def per_class_table(exp: Experiment, split: str = "test") -> pd.DataFrame:
@@ -642,7 +631,8 @@ def seed_rows(exp: Experiment) -> list[dict[str, Any]]:
             row[f"{split} mAP, mean ± std"] = (
                 pm(values.mean(), values.std(ddof=1) if len(values) > 1 else math.nan, len(values))
                 if len(values) else "")
-            row[f"_{split}"] = values.mean() if len(values) else -math.inf
+            if split == "val":  # sort key, not a column
+                row["_val"] = values.mean() if len(values) else -math.inf
         rows.append(row)
     return sorted(rows, key=lambda r: -r["_val"])
 
