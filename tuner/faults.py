@@ -5,7 +5,10 @@
   rename it over the old one, so a full disk never leaves a half-written file.
 * **Full disk**: :class:`SearchGuard` keeps a small reserve file in the experiment
   directory, released when the search ends so the Optuna study can still be closed, and
-  turns any "no space left" error into one line naming the filesystem.
+  turns any "no space left" error into one line naming the filesystem. A trial never writes
+  a checkpoint that would leave less than the reserve's size free (:func:`ensure_room`), so
+  a trial retried or still running after the first failure cannot take the room freed for
+  Tune's last experiment state.
 * **Ctrl-C**: the first SIGINT asks Tune to stop (it saves the experiment state and stops
   the trials); the CLI then exits 130 with the command that resumes. A second SIGINT raises
   ``KeyboardInterrupt`` at once.
@@ -48,6 +51,10 @@ SYNC_LOGGER = "ray.train._internal.syncer"
 EXIT_INTERRUPTED = 130
 #: user attribute of the Optuna trials a search left unfinished (the reason)
 INTERRUPTED_ATTR = "interrupted"
+
+
+#: free space a trial's checkpoint must leave on the experiment's filesystem
+TRIAL_HEADROOM_BYTES = RESERVE_BYTES
 
 
 class DiskFullError(TunerError):
@@ -110,6 +117,32 @@ def mount_point(path: str | Path) -> Path:
     return path
 
 
+def ensure_room(directory: str | os.PathLike[str], nbytes: int) -> None:
+    """Refuse (``ENOSPC``) a write of ``nbytes`` into ``directory``'s filesystem that would leave
+    less than :data:`TRIAL_HEADROOM_BYTES` free.
+
+    Trials call it before each checkpoint: a trial that fills the disk fails *before* it
+    writes, and one that Tune retries (or another still running) finds the same limit, so the
+    space the search frees at the first failure stays for Tune's last experiment state. A
+    storage URI (``s3://...``) or a directory this node does not see is not checked.
+    """
+    if not directory or "://" in str(directory):
+        return
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return
+    if free - nbytes < TRIAL_HEADROOM_BYTES:
+        raise OSError(errno.ENOSPC, f"No space left on device for a {nbytes:,}-byte checkpoint "
+                      f"({free:,} bytes free; {TRIAL_HEADROOM_BYTES:,} are kept for the search's "
+                      f"state)", str(directory))
+
+
+def tree_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes of the files under ``path`` (a checkpoint directory before its upload)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
 def disk_full_error(exp_dir: Path) -> DiskFullError:
     """The one-line error for a full filesystem under ``exp_dir``."""
     mount = mount_point(exp_dir)
@@ -144,10 +177,7 @@ def disk_full_callback(exp_dir: Path) -> Any:
         def _check(self, trial: Any) -> None:
             if _seen["disk_full"]:
                 return
-            try:
-                full = is_disk_full(trial.get_error())
-            except Exception:  # noqa: BLE001 - an unreadable error file decides nothing
-                full = False
+            full = is_disk_full(_trial_error_text(trial))
             if full:
                 _seen["disk_full"] = True
                 (exp_dir / RESERVE_NAME).unlink(missing_ok=True)
@@ -162,6 +192,21 @@ def disk_full_callback(exp_dir: Path) -> Any:
             self._check(trial)
 
     return _DiskFullStop()
+
+
+def _trial_error_text(trial: Any) -> str | None:
+    """The trial's latest error as text. Tune writes it to the driver's local copy of the trial
+    directory (``trial.error_file``) before it calls the callbacks, and uploads it to storage
+    only later: reading storage (``trial.get_error()``) missed the first failure and let Tune
+    retry the trial."""
+    for read in (lambda: Path(trial.error_file).read_text(errors="replace"), trial.get_error):
+        try:
+            text = read()
+        except Exception:  # noqa: BLE001 - an unreadable error file decides nothing
+            continue
+        if text:
+            return str(text)
+    return None
 
 
 class _OnceSyncWarning(logging.Filter):

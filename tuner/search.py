@@ -277,17 +277,18 @@ def local_worker_env(dashboard_port: int) -> dict[str, str]:
 def reuse_trial_processes(space: Any, local: bool) -> bool:
     """Whether the next trial may run in a finished or stopped trial's process.
 
-    Off unless ``MLT_TUNER_REUSE_TRIAL_PROCESSES=1``: with reuse, Tune restarts a trial that
-    failed for lack of space at once in its old process, and the retry's first checkpoint
-    fills the space the full-disk guard frees for Tune's last experiment state, which is then
-    cut off and cannot be resumed (``tests/test_faults.py``'s full-disk test fails with it).
-    Reuse saves about 3 s of process start and imports per trial. When on, only for
+    On unless ``MLT_TUNER_REUSE_TRIAL_PROCESSES=0``. Reuse saves about 3 s of process start
+    and imports per trial. (With reuse, Tune restarts a trial that failed for lack of space at
+    once in its old process; its checkpoint used to fill the space the full-disk guard frees
+    for Tune's last experiment state. Every checkpoint now leaves that room free,
+    :func:`tuner.faults.ensure_room`, and ``tests/test_faults.py``'s full-disk test runs with
+    reuse and Tune's retries.) Only for
     one-worker trials on a local cluster: there the process waits long enough for the
     previous trial to return (:data:`REUSE_WAIT_S`). A multi-worker trial's function returns
     only after its Train worker group is torn down, which overran the wait and left the next
     trial pending for good (Ray 2.60).
     """
-    wanted = os.environ.get("MLT_TUNER_REUSE_TRIAL_PROCESSES", "0") == "1"
+    wanted = os.environ.get("MLT_TUNER_REUSE_TRIAL_PROCESSES", "1") != "0"
     return wanted and local and int(space.resources["workers_per_trial"]) == 1
 
 
@@ -450,6 +451,7 @@ def prepare_data(space: Any, exp_dir: Path | None = None) -> tuple[Path, Any]:
         cpus_per_worker=float(res["cpus_per_worker"]),
         gpus_per_worker=float(res["gpus_per_worker"]),
         train_storage=str(exp_dir / "train_runs") if exp_dir is not None else "",
+        experiment_dir=str(exp_dir) if exp_dir is not None else "",
     )
     return data_dir, setup
 

@@ -73,6 +73,7 @@ from tuner.data.stream import (
     sample_repeats,
 )
 from tuner.errors import ConfigError, DataError, NonFiniteLossError, TunerError
+from tuner.faults import ensure_room, tree_bytes
 from tuner.loop import TrainConfig, TrainData, evaluate, fit, seed_everything
 from tuner.monitoring import quiet_ray_console, trial_metrics
 
@@ -105,6 +106,9 @@ class TrialSetup:
     gpus_per_worker: float = 0.0
     #: where multi-worker trials keep their Train runs (the experiment's ``train_runs/``)
     train_storage: str = ""
+    #: the experiment directory: each checkpoint leaves room there for Tune's last state
+    #: (:func:`tuner.faults.ensure_room`); empty = not checked
+    experiment_dir: str = ""
     #: splits decoded once by the driver: split name -> ObjectRef of a
     #: :class:`tuner.data.memory.DecodedSplit` (:func:`share_splits`); empty = stream them
     shared: Mapping[str, Any] = field(default_factory=dict)
@@ -364,6 +368,7 @@ def _train_trial(config: dict[str, Any], setup: TrialSetup, started_at: float) -
         trial_metrics(metrics, trial_id, experiment)
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(state, os.path.join(tmp, STATE_FILE))
+            ensure_room(setup.experiment_dir, tree_bytes(tmp))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
     try:
@@ -468,6 +473,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         trial_metrics(metrics, loop_config["trial_id"], loop_config["experiment"])
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(state, os.path.join(tmp, STATE_FILE))
+            ensure_room(setup.experiment_dir, tree_bytes(tmp))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     try:
