@@ -143,6 +143,8 @@ def compare_pair(runs: dict[str, pd.DataFrame], candidate: str, baseline: str,
         "epochs_candidate": need[candidate], "epochs_baseline": need[baseline],
         "total_candidate": len(runs[candidate]), "total_baseline": len(runs[baseline]),
         "ratio": need[candidate] / need[baseline],
+        # the other reading of the target: against every epoch the baseline trained
+        "ratio_of_run": need[candidate] / len(runs[baseline]),
     }
 
 
@@ -171,8 +173,9 @@ def run_name(method: str, strategy: str, seed: int, budget: Budget, concurrency:
 
 
 def run(method: str, strategy: str, seed: int, budget: Budget,
-        args: argparse.Namespace) -> pd.DataFrame:
-    """One search (or, when it finished before, its saved trials)."""
+        args: argparse.Namespace) -> pd.DataFrame | None:
+    """One search (or, when it finished before, its saved trials; with ``--report-only``
+    None when it has not)."""
     name = run_name(method, strategy, seed, budget, args.concurrency)
     saved = args.out / name / "trials.parquet"
     if saved.is_file() and (args.out / name / "leaderboard.csv").is_file():
@@ -180,6 +183,9 @@ def run(method: str, strategy: str, seed: int, budget: Budget,
         print(f"[{name}] finished before: {len(trials)} epochs, best val mAP "
               f"{trials['val_mAP'].max():.2f}; Optuna: {study_states(args.out / name)}")
         return trials
+    if args.report_only:
+        print(f"[{name}] not finished: left out (--report-only)")
+        return None
 
     def edit(space: dict) -> None:
         space["asha"] = {"max_epochs": budget.epochs, "grace_period": budget.grace_period,
@@ -311,6 +317,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated, of {', '.join(STRATEGIES)}")
     p.add_argument("--compare-stopped", action="store_true",
                    help="also run TPE with stopped trials COMPLETE (Ray's stock behaviour)")
+    p.add_argument("--report-only", action="store_true",
+                   help="start no search: report the finished runs only")
     p.add_argument("--out", type=Path, default=Path("experiments/search-efficiency"))
     p.add_argument("--data-dir", help="prepared DigitsMLT (default: the cache)")
     args = p.parse_args(argv)
@@ -336,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{method}: {budget}, tolerance {args.tolerance:.2f} mAP", flush=True)
         for seed in range(args.seeds):
             runs = {s: run(method, s, seed, budget, args) for s in args.strategies}
+            runs = {s: trials for s, trials in runs.items() if trials is not None}
             for candidate, baseline in PAIRS:
                 if candidate in runs and baseline in runs:
                     row = compare_pair(runs, candidate, baseline, args.tolerance)
