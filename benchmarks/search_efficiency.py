@@ -305,6 +305,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", default="splc,ndlp", help="comma-separated method names")
     p.add_argument("--seeds", type=int, default=3, help="sampler seeds 0..N-1")
+    p.add_argument("--seed-list", help="comma-separated sampler seeds, instead of --seeds "
+                                       "(e.g. another process runs the other seeds)")
     p.add_argument("--trials", type=int, help="trials per search (default: the space's)")
     p.add_argument("--epochs", type=int, help="full budget per trial (default: the space's)")
     p.add_argument("--grace-period", type=int, help="first rung (default: the space's)")
@@ -322,6 +324,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("experiments/search-efficiency"))
     p.add_argument("--data-dir", help="prepared DigitsMLT (default: the cache)")
     args = p.parse_args(argv)
+    try:
+        args.seed_list = ([int(x) for x in args.seed_list.split(",")] if args.seed_list
+                          else list(range(args.seeds)))
+    except ValueError:
+        p.error(f"--seed-list: comma-separated integers, got {args.seed_list!r}")
     args.strategies = args.strategies.split(",") + (
         ["asha-tpe-complete"] if args.compare_stopped else [])
     unknown = [s for s in args.strategies if s not in STRATEGIES]
@@ -342,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for method in args.methods.split(","):
         budget = budgets[method] = method_budget(method, args)
         print(f"{method}: {budget}, tolerance {args.tolerance:.2f} mAP", flush=True)
-        for seed in range(args.seeds):
+        for seed in args.seed_list:
             runs = {s: run(method, s, seed, budget, args) for s in args.strategies}
             runs = {s: trials for s, trials in runs.items() if trials is not None}
             for candidate, baseline in PAIRS:
