@@ -148,18 +148,38 @@ def compare_pair(runs: dict[str, pd.DataFrame], candidate: str, baseline: str,
     }
 
 
-def study_states(exp_dir: Path) -> str:
-    """``STATE count`` of the search's Optuna trials, e.g. ``COMPLETE 4, PRUNED 8``."""
+def state_counts(exp_dir: Path) -> dict[str, int]:
+    """How many of the search's Optuna trials are in each state (``COMPLETE``, ``PRUNED``,
+    ``FAIL``, ``RUNNING``); empty when it has no study yet."""
     from collections import Counter
 
     import optuna
 
     from tuner.optuna_search import sqlite_storage
 
+    if not (exp_dir / "optuna.db").is_file():
+        return {}
     storage = sqlite_storage(exp_dir / "optuna.db")
-    (name,) = optuna.get_all_study_names(storage)  # one search, one study
-    study = optuna.load_study(study_name=name, storage=storage)
-    return ", ".join(f"{k} {v}" for k, v in sorted(Counter(t.state.name for t in study.trials).items()))
+    names = optuna.get_all_study_names(storage)  # one search, one study
+    if not names:
+        return {}
+    study = optuna.load_study(study_name=names[0], storage=storage)
+    return dict(sorted(Counter(t.state.name for t in study.trials).items()))
+
+
+def study_states(exp_dir: Path) -> str:
+    """``STATE count`` of the search's Optuna trials, e.g. ``COMPLETE 4, PRUNED 8``."""
+    return ", ".join(f"{k} {v}" for k, v in state_counts(exp_dir).items())
+
+
+def finished(exp_dir: Path, trials: int) -> bool:
+    """Whether the search ran all its ``trials`` to an end (COMPLETE or PRUNED in Optuna). An
+    interrupted search also writes its trials and leaderboard, but its unfinished trials are
+    FAIL (``tuner.faults``) or RUNNING: it is resumed, not read back."""
+    if not ((exp_dir / "trials.parquet").is_file() and (exp_dir / "leaderboard.csv").is_file()):
+        return False
+    states = state_counts(exp_dir)
+    return states.get("COMPLETE", 0) + states.get("PRUNED", 0) >= trials
 
 
 def run_name(method: str, strategy: str, seed: int, budget: Budget, concurrency: int) -> str:
@@ -177,9 +197,8 @@ def run(method: str, strategy: str, seed: int, budget: Budget,
     """One search (or, when it finished before, its saved trials; with ``--report-only``
     None when it has not)."""
     name = run_name(method, strategy, seed, budget, args.concurrency)
-    saved = args.out / name / "trials.parquet"
-    if saved.is_file() and (args.out / name / "leaderboard.csv").is_file():
-        trials = pd.read_parquet(saved)
+    if finished(args.out / name, budget.trials):
+        trials = pd.read_parquet(args.out / name / "trials.parquet")
         print(f"[{name}] finished before: {len(trials)} epochs, best val mAP "
               f"{trials['val_mAP'].max():.2f}; Optuna: {study_states(args.out / name)}")
         return trials
