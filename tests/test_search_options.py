@@ -292,3 +292,24 @@ def test_sha_tpe_prunes_as_optuna_and_keeps_the_platform_curves(digits_dir: Path
     finally:
         torch.set_num_threads(threads)
     assert direct[: len(curves["00000"])] == curves["00000"]
+
+
+def test_an_interrupted_search_is_not_read_back_as_finished(tmp_path: Path) -> None:
+    eff = _efficiency()
+    exp = tmp_path / "run"
+    exp.mkdir()
+    study = optuna.create_study(storage=sqlite_storage(exp / "optuna.db"), study_name="run",
+                                direction="maximize")
+    for value in (1.0, 2.0):
+        study.tell(study.ask(), value)
+    study.tell(study.ask(), state=TrialState.PRUNED)
+    running = study.ask()
+    for name in ("trials.parquet", "leaderboard.csv"):  # written by an interrupted search too
+        (exp / name).write_bytes(b"")
+    assert not eff.finished(exp, 4)  # one trial still RUNNING
+    study.tell(running, state=TrialState.FAIL)
+    assert not eff.finished(exp, 4)  # closed as interrupted: to be resumed
+    assert eff.finished(exp, 3) and eff.state_counts(exp) == {"COMPLETE": 2, "FAIL": 1,
+                                                               "PRUNED": 1}
+    (exp / "leaderboard.csv").unlink()
+    assert not eff.finished(exp, 3)
