@@ -173,13 +173,25 @@ def study_states(exp_dir: Path) -> str:
 
 
 def finished(exp_dir: Path, trials: int) -> bool:
-    """Whether the search ran all its ``trials`` to an end (COMPLETE or PRUNED in Optuna). An
-    interrupted search also writes its trials and leaderboard, but its unfinished trials are
-    FAIL (``tuner.faults``) or RUNNING: it is resumed, not read back."""
-    if not ((exp_dir / "trials.parquet").is_file() and (exp_dir / "leaderboard.csv").is_file()):
+    """Whether the search ran all its ``trials`` to an end: COMPLETE, PRUNED or failed for
+    good (e.g. a non-finite loss) in Optuna. An interrupted search also writes its trials and
+    leaderboard, but its unfinished trials are RUNNING or FAIL marked ``interrupted``
+    (``tuner.faults``): it is resumed, not read back."""
+    import optuna
+
+    from tuner.faults import INTERRUPTED_ATTR
+    from tuner.optuna_search import sqlite_storage
+
+    if not all((exp_dir / f).is_file() for f in ("trials.parquet", "leaderboard.csv",
+                                                  "optuna.db")):
         return False
-    states = state_counts(exp_dir)
-    return states.get("COMPLETE", 0) + states.get("PRUNED", 0) >= trials
+    storage = sqlite_storage(exp_dir / "optuna.db")
+    names = optuna.get_all_study_names(storage)
+    if not names:
+        return False
+    ended = [t for t in optuna.load_study(study_name=names[0], storage=storage).trials
+             if t.state.is_finished() and INTERRUPTED_ATTR not in t.user_attrs]
+    return len(ended) >= trials
 
 
 def run_name(method: str, strategy: str, seed: int, budget: Budget, concurrency: int) -> str:

@@ -295,6 +295,8 @@ def test_sha_tpe_prunes_as_optuna_and_keeps_the_platform_curves(digits_dir: Path
 
 
 def test_an_interrupted_search_is_not_read_back_as_finished(tmp_path: Path) -> None:
+    from tuner.faults import INTERRUPTED_ATTR
+
     eff = _efficiency()
     exp = tmp_path / "run"
     exp.mkdir()
@@ -307,9 +309,12 @@ def test_an_interrupted_search_is_not_read_back_as_finished(tmp_path: Path) -> N
     for name in ("trials.parquet", "leaderboard.csv"):  # written by an interrupted search too
         (exp / name).write_bytes(b"")
     assert not eff.finished(exp, 4)  # one trial still RUNNING
+    study._storage.set_trial_user_attr(running._trial_id, INTERRUPTED_ATTR, True)
     study.tell(running, state=TrialState.FAIL)
-    assert not eff.finished(exp, 4)  # closed as interrupted: to be resumed
+    assert not eff.finished(exp, 4)  # closed as interrupted (tuner.faults): to be resumed
     assert eff.finished(exp, 3) and eff.state_counts(exp) == {"COMPLETE": 2, "FAIL": 1,
                                                                "PRUNED": 1}
+    study.tell(study.ask(), state=TrialState.FAIL)  # failed for good (a non-finite loss)
+    assert eff.finished(exp, 4)
     (exp / "leaderboard.csv").unlink()
     assert not eff.finished(exp, 3)
