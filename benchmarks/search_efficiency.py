@@ -145,7 +145,9 @@ def compare_pair(runs: dict[str, pd.DataFrame], candidate: str, baseline: str,
         "best_candidate": best[candidate], "best_baseline": best[baseline],
         "epochs_candidate": need[candidate], "epochs_baseline": need[baseline],
         "total_candidate": len(runs[candidate]), "total_baseline": len(runs[baseline]),
-        "ratio": need[candidate] / need[baseline],
+        # nan when the baseline never reached the target (it needed more than its run)
+        "ratio": (need[candidate] / need[baseline] if math.isfinite(need[baseline])
+                  else math.nan),
         # the other reading of the target: against every epoch the baseline trained
         "ratio_of_run": need[candidate] / len(runs[baseline]),
     }
