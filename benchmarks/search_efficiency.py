@@ -367,6 +367,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--seed-list: comma-separated integers, got {args.seed_list!r}")
     args.strategies = args.strategies.split(",") + (
         ["asha-tpe-complete"] if args.compare_stopped else [])
+    missing = [m for m in args.methods.split(",") if not (ROOT / f"search_spaces/{m}.yaml").is_file()]
+    if missing:
+        p.error(f"--methods: no search_spaces/<name>.yaml for {', '.join(missing)}; use the "
+                f"names of the files in search_spaces/")
     unknown = [s for s in args.strategies if s not in STRATEGIES]
     if unknown:
         p.error(f"--strategies: unknown {', '.join(unknown)}; use {', '.join(STRATEGIES)}")
