@@ -320,3 +320,13 @@ def test_an_interrupted_search_is_not_read_back_as_finished(tmp_path: Path) -> N
     assert eff.finished(exp, 4)
     (exp / "leaderboard.csv").unlink()
     assert not eff.finished(exp, 3)
+
+
+def test_leaderboard_prints_a_trial_without_config() -> None:
+    """A trial that failed before a resumed search has no config in Tune's restored state;
+    the leaderboard still prints (it crashed the search's last line before)."""
+    rows = [{"trial_id": "a", "status": "COMPLETE", "config": '{"train": {"lr": 0.01}}',
+             "val_mAP": 80.0, "epochs": 8},
+            {"trial_id": "b", "status": "ERROR", "config": "null", "error": "NonFiniteLossError"}]
+    text = search.format_leaderboard(rows)
+    assert "lr=0.01" in text and "[NonFiniteLossError]" in text
