@@ -31,3 +31,28 @@ def run_space(method: str, name: str, edit: Callable[[dict[str, Any]], None], ou
     if code != 0:
         sys.exit(f"the search {name} failed (exit {code})")
     return pd.read_parquet(out / name / "trials.parquet")
+
+
+def train_in_process(config: dict[str, Any], setup: Any,
+                     report: Callable[[dict[str, Any], dict[str, Any]], None]) -> None:
+    """One trial of ``setup``'s search trained in this process, without Ray: the
+    trainable's own method, model and label view (``tuner.trainable``), the training split
+    decoded here and batched as a Ray trial on the in-memory path does
+    (:class:`tuner.data.memory.MemoryEpochs`: the same batches), and ``tuner.loop.fit``
+    calling ``report(metrics, state)`` after every epoch. A configuration therefore trains
+    to the same curve as in a Ray search, at the same cost per epoch."""
+    import torch
+
+    from tuner.data.memory import MemoryEpochs, decode_split
+    from tuner.data.prepared import PreparedData
+    from tuner.loop import fit
+    from tuner.trainable import _method_and_model, build_train_data, train_config
+
+    cfg = train_config(config, setup)
+    data = PreparedData(setup.data_dir)
+    method, model, observed = _method_and_model(config, setup, cfg, data)
+    split = decode_split(data.shard_files("train"), cfg.image_size)
+    stream = MemoryEpochs(split, cfg.image_size, data.manifest["image"].get("augment", "flip"),
+                          cfg.seed)
+    train_data = build_train_data(setup, cfg, data, observed, stream, cfg.batch_size)
+    fit(method, model, cfg, train_data, report, device=torch.device("cpu"))

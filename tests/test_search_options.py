@@ -204,3 +204,129 @@ def test_asha_replay_follows_rays_rung_rule() -> None:
     (row,) = eff.replay_schedules(trials, [(1, 2)], tolerance=0.5).to_dict("records")
     assert abs(row["reached"] - 1 / 3) < 0.1
     assert row["ratio"] == pytest.approx(1.0)  # both need its 3 epochs when it comes first
+
+
+def test_target_tolerance_is_twice_the_seed_std_at_least_half_a_point() -> None:
+    eff = _efficiency()
+    for std in (0.0, 0.1, 0.25, 0.26, 0.71, 3.0):
+        assert eff.target_tolerance(std) == pytest.approx(max(0.5, std + std))
+    for bad in (-0.1, math.nan, math.inf):
+        with pytest.raises(ValueError, match="--seed-std"):
+            eff.target_tolerance(bad)
+
+
+def test_target_needs_a_third_of_random_in_two_of_three_seeds() -> None:
+    eff = _efficiency()
+    assert eff.meets_target(10, 30, 64) and not eff.meets_target(11, 30, 64)
+    assert not eff.meets_target(math.inf, 30, 64)  # never reached it
+    # random never reached it: it needed more than its 64 epochs, by an unknown amount
+    assert eff.meets_target(21, math.inf, 64) and not eff.meets_target(22, math.inf, 64)
+    assert not eff.meets_target(math.inf, math.inf, 64)
+    assert [eff.verdict(k, 3) for k in range(4)] == ["missed", "missed", "met", "met"]
+
+
+def test_budget_defaults_to_the_shipped_space() -> None:
+    import yaml
+
+    eff = _efficiency()
+    for method in ("splc", "ndlp"):
+        raw = yaml.safe_load((ROOT / f"search_spaces/{method}.yaml").read_text())
+        budget = eff.method_budget(method, eff.parse_args(["--methods", method]))
+        assert (budget.trials, budget.epochs, budget.grace_period, budget.reduction_factor) == (
+            raw["search"]["num_trials"], raw["asha"]["max_epochs"],
+            raw["asha"]["grace_period"], raw["asha"]["reduction_factor"])
+        given = eff.method_budget(method, eff.parse_args(["--trials", "5", "--epochs", "7"]))
+        assert (given.trials, given.epochs, given.grace_period) == (
+            5, 7, raw["asha"]["grace_period"])
+    args = eff.parse_args([])
+    assert args.tolerance == pytest.approx(2 * eff.SEED_STD)
+    assert "sha-tpe" in args.strategies
+
+
+def test_sha_tpe_prunes_as_optuna_and_keeps_the_platform_curves(digits_dir: Path,
+                                                                 tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """A tiny sha-tpe search (3 trials x 2 epochs, first rung 1, one at a time): Optuna's
+    successive halving with fewer than 2 x rf trials at a rung keeps only a trial that is the
+    best there so far; the stored curves are what Optuna was told, and trial 0's is the one
+    the platform's trial code trains for its configuration in this process."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the spawned trials import it
+    sha = importlib.import_module("_sha_search")
+
+    def edit(space: dict) -> None:
+        space["asha"] = {"max_epochs": 2, "grace_period": 1, "reduction_factor": 2}
+        space["search"].update(num_trials=3, max_concurrent=1, seed=0, sampler="random")
+
+    trials = sha.run_sha_search("splc", "sha", edit, tmp_path, str(digits_dir))
+    curves = {t: df.sort_values("epoch")["val_mAP"].tolist() for t, df in
+              trials.groupby("trial_id")}
+    first = [curves[t][0] for t in sorted(curves)]
+    for k, t in enumerate(sorted(curves)):
+        kept = first[k] >= max(first[: k + 1])
+        assert len(curves[t]) == (2 if kept else 1), (t, first)
+    storage = sqlite_storage(tmp_path / "sha" / "optuna.db")
+    study = optuna.load_study(study_name="sha", storage=storage)
+    for trial in study.trials:
+        curve = curves[f"{trial.number:05d}"]
+        assert [trial.intermediate_values[e + 1] for e in range(len(curve))] == curve
+        if len(curve) == 2:
+            assert trial.state == TrialState.COMPLETE and trial.value == max(curve)
+        else:
+            assert trial.state == TrialState.PRUNED
+    eff = _efficiency()
+    assert eff.compute_to_reach(trials, max(first)) <= len(trials)
+
+    import torch
+    from _search import train_in_process
+
+    from tuner.search import prepare_data
+    from tuner.space import load_space as load
+
+    setup = prepare_data(load(tmp_path / "sha.yaml"))[1]
+    row = trials[trials["trial_id"] == "00000"].iloc[0]
+    config = sha.nested_config({}, {k.removeprefix("config/"): v.item() if hasattr(v, "item") else v
+                                    for k, v in row.items() if k.startswith("config/")})
+    direct: list[float] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a trial process
+    try:
+        train_in_process(config, setup, lambda m, s: direct.append(float(m["val_mAP"])))
+    finally:
+        torch.set_num_threads(threads)
+    assert direct[: len(curves["00000"])] == curves["00000"]
+
+
+def test_an_interrupted_search_is_not_read_back_as_finished(tmp_path: Path) -> None:
+    from tuner.faults import INTERRUPTED_ATTR
+
+    eff = _efficiency()
+    exp = tmp_path / "run"
+    exp.mkdir()
+    study = optuna.create_study(storage=sqlite_storage(exp / "optuna.db"), study_name="run",
+                                direction="maximize")
+    for value in (1.0, 2.0):
+        study.tell(study.ask(), value)
+    study.tell(study.ask(), state=TrialState.PRUNED)
+    running = study.ask()
+    for name in ("trials.parquet", "leaderboard.csv"):  # written by an interrupted search too
+        (exp / name).write_bytes(b"")
+    assert not eff.finished(exp, 4)  # one trial still RUNNING
+    study._storage.set_trial_user_attr(running._trial_id, INTERRUPTED_ATTR, True)
+    study.tell(running, state=TrialState.FAIL)
+    assert not eff.finished(exp, 4)  # closed as interrupted (tuner.faults): to be resumed
+    assert eff.finished(exp, 3) and eff.state_counts(exp) == {"COMPLETE": 2, "FAIL": 1,
+                                                               "PRUNED": 1}
+    study.tell(study.ask(), state=TrialState.FAIL)  # failed for good (a non-finite loss)
+    assert eff.finished(exp, 4)
+    (exp / "leaderboard.csv").unlink()
+    assert not eff.finished(exp, 3)
+
+
+def test_leaderboard_prints_a_trial_without_config() -> None:
+    """A trial that failed before a resumed search has no config in Tune's restored state;
+    the leaderboard still prints (it crashed the search's last line before)."""
+    rows = [{"trial_id": "a", "status": "COMPLETE", "config": '{"train": {"lr": 0.01}}',
+             "val_mAP": 80.0, "epochs": 8},
+            {"trial_id": "b", "status": "ERROR", "config": "null", "error": "NonFiniteLossError"}]
+    text = search.format_leaderboard(rows)
+    assert "lr=0.01" in text and "[NonFiniteLossError]" in text

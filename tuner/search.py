@@ -717,7 +717,7 @@ def format_leaderboard(rows: list[dict[str, Any]], top: int = 20) -> str:
     head = f"{'trial':<14}{'status':<10}{'val mAP':>8}{'head':>7}{'med':>7}{'tail':>7}{'ep':>4}  config"
     lines = ["", "Leaderboard (validation split)", head, "-" * len(head)]
     for row in rows[:top]:
-        cfg = json.loads(row["config"])
+        cfg = json.loads(row["config"]) or {}  # null: a trial that failed before a resume
         flat = ", ".join(f"{k}={_short(v)}" for sec in cfg.values() for k, v in (sec or {}).items())
         lines.append(
             f"{str(row['trial_id'])[:13]:<14}{row['status']:<10}"
