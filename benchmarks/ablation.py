@@ -61,9 +61,9 @@ GROUPS = {
         Variant("bce", "bce"))),
     "ndlp": Group("ndlp", "candidate:0.3", (
         Variant("paper", "ndlp", {"pseudo_rule": "paper"}),
+        Variant("bce", "bce"),  # before the variants: the against-BCE answer needs only it
         Variant("share", "ndlp", {"pseudo_rule": "share"}),
-        Variant("scaled", "ndlp", {"pseudo_rule": "scaled"}),
-        Variant("bce", "bce"))),
+        Variant("scaled", "ndlp", {"pseudo_rule": "scaled"}))),
     "comic": Group("comic", "missing:0.6", (
         Variant("paper", "comic", COMIC_PAPER),
         Variant("bce", "bce"))),
