@@ -136,11 +136,12 @@ def group_markdown(group: Group, table: pd.DataFrame) -> str:
     lines = [f"### {group.name}, `{group.regime}` (reference: {group.variants[0].name})", "",
              "| variant | mAP | head | medium | tail | search val mAP | seeds | gap to reference |",
              "|---|---|---|---|---|---|---|---|"]
-    for _, row in table.iterrows():
+    for i, row in table.iterrows():
         val, seeds = row.get("search_val_mAP", math.nan), row.get("seeds", math.nan)
         lines.append(f"| {row['variant']} | " + " | ".join(_pm(row, k) for k in METRICS)
                      + f" | {'–' if pd.isna(val) else f'{val:.2f}'}"
-                     + f" | {'–' if pd.isna(seeds) else int(seeds)} | {_gap(row, ref)} |")
+                     + f" | {'–' if pd.isna(seeds) else int(seeds)}"
+                     + f" | {'reference' if i == 0 else _gap(row, ref)} |")
     return "\n".join(lines) + "\n"
 
 
