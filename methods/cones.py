@@ -289,12 +289,13 @@ class CoNeS(Method):
         self.touched = torch.zeros(len(s), dtype=torch.bool)
 
     def configure_model(self, model: nn.Module) -> nn.Module:
-        """The backbone itself; it must expose ``feature_maps`` and a linear ``classifier``."""
-        if not callable(getattr(model, "feature_maps", None)) or not isinstance(
-            getattr(model, "classifier", None), nn.Linear
+        """The backbone itself; it must expose ``feature_maps``, ``pool_maps`` and a linear
+        ``classifier``."""
+        if not all(callable(getattr(model, f, None)) for f in ("feature_maps", "pool_maps")) or (
+            not isinstance(getattr(model, "classifier", None), nn.Linear)
         ):
             raise ConfigError(
-                f"cones needs a tuner.backbones.Classifier (feature_maps + a linear "
+                f"cones needs a tuner.backbones.Classifier (feature_maps, pool_maps + a linear "
                 f"`classifier`), got {type(model).__name__}; build it with build_model"
             )
         return model
@@ -320,7 +321,7 @@ class CoNeS(Method):
         new confidence rows and the batch's prototype sums for :meth:`on_batch_end`."""
         prm = self.params
         fmap = model.feature_maps(batch["image"])
-        logits = model.classifier(fmap.mean(dim=(2, 3)))
+        logits = model.classifier(model.pool_maps(fmap))  # the model's own pooling (eval's)
         sums, valid, pixels = cam_prototypes(fmap, model.classifier.weight, prm.tau_cam)
         s = batch["target"].to(logits)
         confidence = self.updated_confidence(logits, batch["index"], s)

@@ -228,6 +228,9 @@ def test_confidence_targets_and_loss_follow_the_formulas() -> None:
         def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
             return x
 
+        def pool_maps(self, maps: torch.Tensor) -> torch.Tensor:
+            return maps.mean(dim=(2, 3))
+
     batch = {"image": logits.view(3, c, 1, 1), "target": s[index].double(), "index": index}
     out = method.training_step(Fixed(), batch)
     assert_close(out["loss"].double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5,
@@ -315,6 +318,22 @@ def test_classifier_gets_its_lr_multiplier_and_models_are_checked() -> None:
     assert {v for k, v in scales.items() if not k.startswith("classifier.")} == {1.0}
     with pytest.raises(ConfigError, match="Classifier"):
         method.configure_model(nn.Linear(3, 4))
+
+
+@pytest.mark.parametrize("backbone", ["small_cnn", "resnet18"])  # max- and average-pooled
+def test_training_logits_are_the_logits_evaluation_scores(backbone: str) -> None:
+    """The loss must be taken on the logits that ``predict`` (the model's forward) scores:
+    small_cnn pools by max, so CAM logits averaged over the maps would train another model."""
+    torch.manual_seed(0)
+    model = build_model(backbone, 3).eval()  # BatchNorm in eval mode: both passes agree
+    method = CoNeS(CoNeSParams(), _task(c=3, n=4))
+    method.configure_model(model)
+    method.set_train_targets(torch.tensor([[1.0, 0, 1], [0, 1, 1], [1, 1, 0], [0, 0, 1]]))
+    images = torch.randn(4, 3, 24, 24)
+    batch = {"image": images, "target": method.candidates, "index": torch.arange(4)}
+    with torch.no_grad():
+        out = method.training_step(model, batch)
+        assert_close(out["logits"], method.predict(model, images))
 
 
 def test_state_restores_without_the_label_table() -> None:

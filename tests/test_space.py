@@ -186,3 +186,15 @@ def test_reported_groups_follow_the_protocol_setting() -> None:
     raw["data"]["groups"] = "true"
     with pytest.raises(ConfigError, match=r"data\.groups: must be benchmark .* got 'true'"):
         parse_space(raw)
+
+
+def test_choice_below_a_budget_that_leaves_no_option_is_refused_up_front() -> None:
+    # COMIC's compute_epoch {choice: [1, 2, 3, 5], below: max_epochs} at a 1-epoch budget:
+    # Optuna's suggest_categorical would raise on [] in the middle of the search.
+    with pytest.raises(ConfigError, match=r"params.compute_epoch: no option of \[1, 2, 3, 5\] "
+                                          r"is below max_epochs=1"):
+        load_space(ROOT / "search_spaces/comic.yaml", {"asha": {"max_epochs": 1,
+                                                                "grace_period": 1}})
+    space = load_space(ROOT / "search_spaces/comic.yaml", {"asha": {"max_epochs": 2,
+                                                                    "grace_period": 1}})
+    assert {s["method/compute_epoch"] for s in _sample(space)} == {1}

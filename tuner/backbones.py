@@ -36,10 +36,15 @@ class Classifier(nn.Module):
         """``(B, D, h, w)`` feature maps."""
         return self.trunk(x)
 
+    def pool_maps(self, maps: Tensor) -> Tensor:
+        """``(B, D, h, w)`` maps -> ``(B, D)`` (average, or max for ``pool="max"``); a method
+        that computes its logits from :meth:`feature_maps` pools with this, so its training
+        logits are the ones :meth:`forward` scores at evaluation."""
+        return maps.amax(dim=(2, 3)) if self.pool == "max" else maps.mean(dim=(2, 3))
+
     def features(self, x: Tensor) -> Tensor:
         """``(B, D)`` globally pooled features (average, or max for ``pool="max"``)."""
-        maps = self.feature_maps(x)
-        return maps.amax(dim=(2, 3)) if self.pool == "max" else maps.mean(dim=(2, 3))
+        return self.pool_maps(self.feature_maps(x))
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, 3, H, W)`` normalised images -> ``(B, C)`` logits."""

@@ -292,6 +292,22 @@ def _check_something_to_tune(space: dict[str, dict[str, Any]], problems: list[st
                         f"the same; add a domain, or set num_trials: 1 to train this configuration")
 
 
+def _check_below_budget(space: dict[str, dict[str, Any]], problems: list[str]) -> None:
+    """A ``choice`` with ``below: max_epochs`` (or a number) must keep an option at this budget:
+    otherwise Optuna fails mid-search on an empty ``suggest_categorical``."""
+    max_epochs = space["asha"]["max_epochs"]
+    for section in ("train", "params"):
+        for key, value in space[section].items():
+            if not isinstance(value, Domain) or value.below is None:
+                continue
+            limit = max_epochs if value.below == "max_epochs" else value.below
+            if isinstance(limit, str) or not isinstance(limit, (int, float)):
+                continue  # a bound named after another parameter is only known per trial
+            if not any(o < limit for o in value.args):
+                problems.append(f"{section}.{key}: no option of {list(value.args)} is below "
+                                f"{value.below}={limit}; add a smaller option or raise the budget")
+
+
 def _check_benchmark(data: dict[str, Any], problems: list[str]) -> None:
     from tuner.data.prepared import known_benchmarks
 
@@ -346,6 +362,7 @@ def parse_space(raw: dict[str, Any], path: str = "<space>", method: str | None =
         except ConfigError as exc:
             problems.append(f"method: {exc}")
     _check_settings(sections, problems)
+    _check_below_budget(sections, problems)
     _check_something_to_tune(sections, problems)
     if problems:
         lines = "\n".join(f"  {path}: {p}" for p in problems)
