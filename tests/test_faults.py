@@ -147,10 +147,12 @@ def test_a_trial_error_is_read_from_the_drivers_copy_before_storage(tmp_path: Pa
 
     local = tmp_path / "error.txt"
     local.write_text("Failure # 1\nOSError: [Errno 28] No space left on device\n")
-    assert faults.is_disk_full(faults._trial_error_text(Trial(local, None)))
-    assert faults._trial_error_text(Trial(None, "Failure # 1\nValueError: x")) == \
-        "Failure # 1\nValueError: x"
+    assert faults.says_disk_full(faults._trial_error_text(Trial(local, None)))
+    other = "Failure # 1\nActorDiedError: The actor died unexpectedly"  # a lost node
+    assert faults._trial_error_text(Trial(None, other)) == other
+    assert not faults.says_disk_full(faults._trial_error_text(Trial(None, other)))
     assert faults._trial_error_text(Trial(tmp_path / "missing.txt", None)) is None
+    assert not faults.says_disk_full(None)
 
 
 def test_disk_full_is_recognised_through_wrapping_errors() -> None:

@@ -99,11 +99,15 @@ def is_disk_full(exc: BaseException | None) -> bool:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        text = str(exc)
-        if "No space left on device" in text or "database or disk is full" in text:
+        if says_disk_full(str(exc)):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def says_disk_full(text: str | None) -> bool:
+    """Whether an error's text (e.g. a trial's error file) says "no space left"."""
+    return bool(text) and ("No space left on device" in text or "database or disk is full" in text)
 
 
 def mount_point(path: str | Path) -> Path:
@@ -177,7 +181,7 @@ def disk_full_callback(exp_dir: Path) -> Any:
         def _check(self, trial: Any) -> None:
             if _seen["disk_full"]:
                 return
-            full = is_disk_full(_trial_error_text(trial))
+            full = says_disk_full(_trial_error_text(trial))
             if full:
                 _seen["disk_full"] = True
                 (exp_dir / RESERVE_NAME).unlink(missing_ok=True)
