@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import sqlite3
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -107,11 +108,20 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.host not in LOOPBACK:
         print(f"warning: listening on {args.host}: anyone who reaches this port can rename or "
               "delete the study", file=sys.stderr, flush=True)
+    # The server runs in a thread and Ctrl-C reaches this one: a KeyboardInterrupt raised
+    # inside a request is caught by wsgiref's handler (it logs it and serves on), so with
+    # serve_forever() in the main thread a Ctrl-C during a request was lost.
+    thread = threading.Thread(target=server.serve_forever, name="dashboard", daemon=True)
+    thread.start()
     try:
-        server.serve_forever()
+        while thread.is_alive():
+            thread.join(0.5)
     except KeyboardInterrupt:
         print("dashboard stopped", flush=True)
     finally:
+        stopper = threading.Thread(target=server.shutdown, daemon=True)
+        stopper.start()
+        stopper.join(5)  # a request stuck on a dead client does not hold the exit
         server.server_close()
     return 0
 
