@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sqlite3
 import sys
 import threading
@@ -111,6 +112,9 @@ def _main(argv: Sequence[str] | None) -> int:
     # The server runs in a thread and Ctrl-C reaches this one: a KeyboardInterrupt raised
     # inside a request is caught by wsgiref's handler (it logs it and serves on), so with
     # serve_forever() in the main thread a Ctrl-C during a request was lost.
+    # a process started in the background (nohup, `cmd &` in a script) inherits SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt: Ctrl-C / SIGINT must stop it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     thread = threading.Thread(target=server.serve_forever, name="dashboard", daemon=True)
     thread.start()
     try:
