@@ -104,7 +104,10 @@ def run_sha_search(method: str, name: str, edit: Callable[[dict[str, Any]], None
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     space = parse_space(raw, str(path), method)
     exp = out / name
-    shutil.rmtree(exp, ignore_errors=True)  # an unfinished run starts again
+    if exp.exists() and any(exp.iterdir()) and not (exp / "optuna.db").is_file():
+        raise SystemExit(f"{exp} exists and is not a sha-tpe run of this script (no optuna.db); "
+                         f"move it away or pass another --out")
+    shutil.rmtree(exp, ignore_errors=True)  # an unfinished run of ours starts again
     exp.mkdir(parents=True)
     _, setup = prepare_data(space)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
