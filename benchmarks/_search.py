@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,31 @@ def run_space(method: str, name: str, edit: Callable[[dict[str, Any]], None], ou
     if code != 0:
         sys.exit(f"the search {name} failed (exit {code})")
     return pd.read_parquet(out / name / "trials.parquet")
+
+
+def nested_config(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"train": {...}, "method": {...}}`` from define-by-run's flat ``section/key`` names
+    (the nested trial config Ray Tune hands a trial)."""
+    config: dict[str, dict[str, Any]] = {"train": {}, "method": {}}
+    for name, value in flat.items():
+        section, key = name.split("/", 1)
+        config[section][key] = value
+    return config
+
+
+def random_configs(space: Any, count: int, seed: int) -> list[dict[str, dict[str, Any]]]:
+    """``count`` configurations drawn by Optuna's random sampler (seed ``seed``) over the
+    space's domains through the platform's own ``define_by_run``, as nested trial configs."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    out = []
+    for _ in range(count):
+        trial = study.ask()
+        out.append(nested_config({**space.define_by_run(trial), **trial.params}))
+        study.tell(trial, 0.0)
+    return out
 
 
 def train_in_process(config: dict[str, Any], setup: Any,

@@ -32,7 +32,7 @@ from typing import Any
 
 import pandas as pd
 import yaml
-from _search import ROOT, train_in_process
+from _search import ROOT, nested_config, train_in_process
 
 #: per-epoch metrics a trial process sends back (the rest stays in the process)
 SENT = ("epoch", "val_mAP", "best_val_mAP", "train_loss", "train_time", "eval_time")
@@ -74,16 +74,6 @@ class _Running:
     conn: Connection
     started: float = field(default_factory=time.time)
     rows: list[dict[str, Any]] = field(default_factory=list)
-
-
-def nested_config(constants: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"train": {...}, "method": {...}}`` from define-by-run's flat ``section/key`` names
-    (the trial config a Ray trial receives)."""
-    config: dict[str, dict[str, Any]] = {"train": {}, "method": {}}
-    for name, value in {**constants, **params}.items():
-        section, key = name.split("/", 1)
-        config[section][key] = value
-    return config
 
 
 def run_sha_search(method: str, name: str, edit: Callable[[dict[str, Any]], None], out: Path,
@@ -132,7 +122,7 @@ def _drive(study: Any, space: Any, setup: Any) -> list[dict[str, Any]]:
     while asked < space.search["num_trials"] or running:
         while asked < space.search["num_trials"] and len(running) < space.search["max_concurrent"]:
             trial = study.ask()
-            config = nested_config(space.define_by_run(trial), trial.params)
+            config = nested_config({**space.define_by_run(trial), **trial.params})
             parent, child = ctx.Pipe()
             process = ctx.Process(target=trial_process, args=(child, config, setup), daemon=True)
             process.start()

@@ -66,7 +66,12 @@ GROUPS = {
         Variant("scaled", "ndlp", {"pseudo_rule": "scaled"}))),
     "comic": Group("comic", "missing:0.6", (
         Variant("paper", "comic", COMIC_PAPER),
-        Variant("bce", "bce"))),
+        Variant("bce", "bce"),
+        # each platform variant: the paper configuration with one choice changed
+        Variant("batch_views", "comic", {**COMIC_PAPER, "views": "batch"}),
+        Variant("ensemble", "comic", {**COMIC_PAPER, "eval_logits": "ensemble"}),
+        Variant("relu", "comic", {**COMIC_PAPER, "feature_act": "relu"}),
+        Variant("htb", "comic", {**COMIC_PAPER, "htb": True}))),
 }
 
 

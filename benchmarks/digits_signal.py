@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _search import random_configs
 
 from tuner.data.corruption import ViewSpec
 from tuner.data.prepared import PreparedData, ensure_prepared
@@ -106,25 +107,6 @@ def train_run(job: tuple[str, Run, int]) -> dict[str, Any]:
 def default_train(space: Any) -> dict[str, Any]:
     """The space's constant training knobs (searched ones keep ``TrainConfig``'s defaults)."""
     return {k: v for k, v in space.train.items() if not isinstance(v, Domain)}
-
-
-def random_configs(space: Any, count: int, seed: int) -> list[dict[str, Any]]:
-    """``count`` configurations drawn at random from ``space`` (Optuna's RandomSampler)."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    out = []
-    for _ in range(count):
-        trial = study.ask()
-        values = {**space.define_by_run(trial), **trial.params}
-        config: dict[str, dict[str, Any]] = {"train": {}, "method": {}}
-        for name, value in values.items():
-            section, key = name.split("/", 1)
-            config[section][key] = value
-        study.tell(trial, 0.0)
-        out.append(config)
-    return out
 
 
 def plan(args: argparse.Namespace) -> tuple[list[Run], int]:

@@ -40,6 +40,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _search import random_configs  # noqa: E402
+
 from tuner.data.prepared import PreparedData, ensure_prepared  # noqa: E402
 from tuner.data.stream import Decoder, iter_train_batches, sample_repeats  # noqa: E402
 from tuner.loop import TrainData, fit  # noqa: E402
@@ -63,26 +65,6 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "constant+ema": {"schedule": "constant", "warmup_epochs": 0.5, "ema_epochs": 1.0},
     "rsqrt+ema": {"schedule": "rsqrt", "warmup_epochs": 0.5, "ema_epochs": 1.0},
 }
-
-
-def draw_configs(space: SearchSpace, n: int, seed: int) -> list[dict[str, dict[str, Any]]]:
-    """``n`` configurations drawn by Optuna's random sampler over the space's domains (the
-    platform's own ``define_by_run``), as ``{"train": ..., "method": ...}`` dicts."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    configs = []
-    for _ in range(n):
-        trial = study.ask()
-        constants = space.define_by_run(trial)
-        flat = {**constants, **trial.params}
-        config: dict[str, dict[str, Any]] = {"train": {}, "method": {}}
-        for name, value in flat.items():
-            section, key = name.split("/", 1)
-            config[section][key] = value
-        configs.append(config)
-    return configs
 
 
 def in_process_batches(data: PreparedData, cfg: Any) -> Any:
@@ -154,7 +136,7 @@ def run_method(method: str, args: argparse.Namespace, options: Sequence[str]) ->
     space = load_space(ROOT / "search_spaces" / f"{method}.yaml")
     data_dir = str(ensure_prepared(space.data["benchmark"], space.data.get("data_dir"),
                                    int(space.data.get("seed", 0))))
-    configs = draw_configs(space, args.n, args.seed)
+    configs = random_configs(space, args.n, args.seed)
     out = Path(args.out) / f"{method}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     runs = load_runs(out)
