@@ -118,7 +118,11 @@ def db_loss_elementwise(
     z = y * z + (1.0 - y) * lam * z
     w = y * r + (1.0 - y) * r / lam
     bce = F.binary_cross_entropy_with_logits(z, y, reduction="none")
-    focal = (-torch.expm1(-bce)).pow(params.focal_gamma)  # (1 - p_t)^gamma
+    # (1 - p_t)^gamma, its base kept off 0: with gamma < 1 (the space searches [0, 3]) a
+    # saturated logit (bce == 0 in float32) gave pow's infinite gradient times 0 = NaN, and the
+    # trial died with a non-finite loss. Below 1e-12 the factor's gradient is 0 (its true
+    # limit); the loss there is below 1e-12 either way.
+    focal = (-torch.expm1(-bce)).clamp(min=_EPS).pow(params.focal_gamma)
     return params.balance_param * focal * w * bce
 
 
