@@ -9,12 +9,20 @@ started here, alternating two modes ``--rounds`` times:
   deterministic algorithms (``tuner.loop.deterministic_torch``);
 * **off** (before issue 18): blocks in arrival order, torch's default algorithms.
 
+and with ``--split`` a third, **order only** (planned order, default algorithms), which splits
+the cost between the two. ``--path memory`` times the in-memory path instead (what a trial
+runs when train + val fit the object store, e.g. DigitsMLT: the split decoded once, each
+epoch augmented in the trial's process in the planned order, no Ray Data); there only torch's
+algorithms differ between the modes.
+
 Both modes draw the same seeded plan, so they do the same work. Per mode it prints the median
 ``train_time`` per epoch (data waits included; the first epoch of each run, with the
 pipeline's start, is left out) and ``eval_time``, and the ratio on / off of the training
 time (target, issue 18: at most 1.05).
 
     python benchmarks/determinism_cost.py                       # DigitsMLT, small CNN, CPU
+    python benchmarks/determinism_cost.py --split --rounds 5    # + planned order alone
+    python benchmarks/determinism_cost.py --path memory         # the in-memory path
     python benchmarks/determinism_cost.py --backbone resnet18 --image-size 96 --epochs 4
 
 Measure on a quiet machine: a loaded one moves epoch times by more than the effect.
@@ -31,6 +39,7 @@ from typing import Any
 import torch
 
 from tuner.data.corruption import ViewSpec
+from tuner.data.memory import MemoryEpochs, decode_split
 from tuner.data.prepared import PreparedData, ensure_prepared
 from tuner.loop import fit
 from tuner.trainable import (
@@ -41,15 +50,24 @@ from tuner.trainable import (
     train_config,
 )
 
+#: mode name -> (planned-order delivery, deterministic torch algorithms)
+MODES = {"deterministic (trials)": (True, True), "order only": (True, False),
+         "arrival order, default": (False, False)}
 
-def run_once(setup: TrialSetup, config: dict[str, Any], deterministic: bool,
-             device: torch.device) -> list[dict[str, float]]:
-    """One trial's epochs in one mode; the per-epoch metrics."""
+
+def run_once(setup: TrialSetup, config: dict[str, Any], ordered: bool, deterministic: bool,
+             device: torch.device, split: Any = None) -> list[dict[str, float]]:
+    """One trial's epochs in one mode; the per-epoch metrics. ``split``: the decoded training
+    split of the in-memory path (None: the Ray Data stream)."""
     cfg = train_config(config, setup)
     data = PreparedData(setup.data_dir)
     method, model, observed = _method_and_model(config, setup, cfg, data)
-    stream = _epoch_stream(data, cfg, setup)
-    stream.ordered = deterministic
+    if split is None:
+        stream = _epoch_stream(data, cfg, setup)
+        stream.ordered = ordered
+    else:
+        stream = MemoryEpochs(split, cfg.image_size,
+                              data.manifest["image"].get("augment", "flip"), cfg.seed)
     train_data = build_train_data(setup, cfg, data, observed, stream, cfg.batch_size)
     epochs: list[dict[str, float]] = []
     try:
@@ -65,11 +83,16 @@ def main() -> None:
     p.add_argument("--data-dir", help="prepared benchmark (default: DigitsMLT in a temp dir)")
     p.add_argument("--method", default="bce")
     p.add_argument("--backbone", default="small_cnn")
-    p.add_argument("--image-size", type=int, default=48)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=24, help="DigitsMLT v3 is 24 px")
+    p.add_argument("--batch-size", type=int, default=32, help="the DigitsMLT spaces' batch")
     p.add_argument("--epochs", type=int, default=4, help="epochs per run (the first is warm-up)")
     p.add_argument("--rounds", type=int, default=3, help="alternations of the two modes")
     p.add_argument("--cpus", type=int, default=1, help="training threads (and data CPUs)")
+    p.add_argument("--path", choices=("stream", "memory"), default="stream",
+                   help="the Ray Data stream, or the in-memory path (only torch's algorithms "
+                        "differ there)")
+    p.add_argument("--split", action="store_true",
+                   help="also time planned order with default algorithms (stream only)")
     args = p.parse_args()
     tmp = tempfile.TemporaryDirectory()
     data_dir = Path(args.data_dir) if args.data_dir else ensure_prepared(
@@ -85,25 +108,33 @@ def main() -> None:
 
     ray.init(address="local", num_cpus=2 * args.cpus + 1, include_dashboard=False,
              log_to_driver=False)
-    times: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    modes = [m for m in MODES if args.split and args.path == "stream" or m != "order only"]
+    times: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
     try:
+        split = None
+        if args.path == "memory":
+            split = decode_split(PreparedData(data_dir).shard_files("train"), args.image_size)
         for _ in range(args.rounds):
-            for mode in (True, False):
-                epochs = run_once(setup, config, mode, device)[1:]
+            for mode in modes:
+                epochs = run_once(setup, config, *MODES[mode], device, split)[1:]
                 times[mode] += [(e["train_time"], e["eval_time"]) for e in epochs]
     finally:
         ray.shutdown()
     print(f"{args.method}, {args.backbone} {args.image_size}px, batch {args.batch_size}, "
-          f"{device}, {args.rounds} rounds x {args.epochs - 1} timed epochs per mode")
+          f"{device}, {args.path} path, {args.rounds} rounds x {args.epochs - 1} timed epochs "
+          "per mode")
     med = {}
-    for mode, name in ((True, "deterministic (trials)"), (False, "arrival order, default ")):
+    for mode in modes:
         train = statistics.median(t for t, _ in times[mode])
         evals = statistics.median(e for _, e in times[mode])
         med[mode] = train
-        print(f"{name}: train {train:.3f} s/epoch, eval {evals:.3f} s/epoch, "
+        print(f"{mode:<24}: train {train:.3f} s/epoch, eval {evals:.3f} s/epoch, "
               f"epochs [{' '.join(f'{t:.2f}' for t, _ in times[mode])}]")
-    print(f"ratio deterministic / not: {med[True] / med[False]:.3f}x train time per epoch "
-          f"(target, issue 18: <= 1.05x)")
+    base = med["arrival order, default"]
+    if "order only" in med:
+        print(f"ratio order only / not: {med['order only'] / base:.3f}x train time per epoch")
+    print(f"ratio deterministic / not: {med['deterministic (trials)'] / base:.3f}x train time "
+          "per epoch (target, issue 18: <= 1.05x)")
 
 
 if __name__ == "__main__":
