@@ -26,9 +26,11 @@ def experiment(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     tmp = tmp_path_factory.mktemp("search")
     space = yaml.safe_load((ROOT / "search_spaces/splc.yaml").read_text())
     space["asha"] = {"max_epochs": 3, "grace_period": 1, "reduction_factor": 4}
-    # 6 trials: with 4, asynchronous ASHA (cut at the top quarter of what reached the rung so
-    # far) may promote every trial when they happen to arrive in increasing order
-    space["search"].update(num_trials=6, max_concurrent=2, seed=1)
+    # One trial at a time: asynchronous ASHA cuts at the top quarter of what reached the rung
+    # so far, so with 2 at once the arrival order (timing) decided whether any trial was
+    # stopped and the test failed now and then (CI, 2026-12-02). Serial trials arrive in the
+    # sampler's order and each trial's curve is deterministic, so the stops are too.
+    space["search"].update(num_trials=6, max_concurrent=1, seed=1)
     path = tmp / "splc.yaml"
     path.write_text(yaml.safe_dump(space))
     code = search.main(["--method", "splc", "--space", str(path), "--out", str(tmp / "exp"),

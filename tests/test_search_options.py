@@ -284,8 +284,8 @@ def test_sha_tpe_prunes_as_optuna_and_keeps_the_platform_curves(digits_dir: Path
 
     setup = prepare_data(load(tmp_path / "sha.yaml"))[1]
     row = trials[trials["trial_id"] == "00000"].iloc[0]
-    config = sha.nested_config({}, {k.removeprefix("config/"): v.item() if hasattr(v, "item") else v
-                                    for k, v in row.items() if k.startswith("config/")})
+    config = sha.nested_config({k.removeprefix("config/"): v.item() if hasattr(v, "item") else v
+                                for k, v in row.items() if k.startswith("config/")})
     direct: list[float] = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a trial process
