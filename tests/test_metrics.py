@@ -1,12 +1,16 @@
 """The evaluator against scikit-learn on small random data, ties and empty classes included.
 
-AP itself is scikit-learn's; these tests pin the platform's conventions around it (classes
-without a positive skipped, percent, groups, logits vs probabilities) and check the convention
-on hand-computed values that do not come from scikit-learn.
+AP is scikit-learn's ``average_precision_score`` recomputed in NumPy (scikit-learn stays out of
+the training processes' imports); these tests check that it is bit-identical to scikit-learn,
+pin the platform's conventions around it (classes without a positive skipped, percent, groups,
+logits vs probabilities) and check the convention on hand-computed values that do not come from
+scikit-learn.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -48,6 +52,32 @@ def test_average_precision_matches_sklearn(seed: int, n: int, ties: bool) -> Non
     targets = random_targets(rng, (n,), rate=0.3)
     targets[rng.integers(n)] = 1
     assert_allclose(average_precision(scores, targets), average_precision_score(targets, scores))
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.3, 0.9])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_average_precision_is_bit_identical_to_sklearn(seed: int, rate: float) -> None:
+    """Not only close: equal to the last bit, so results and rankings are unchanged."""
+    rng = np.random.default_rng(seed)
+    for n, decimals in [(2000, None), (2000, 2), (500, 0), (1, None)]:
+        scores = rng.normal(size=n) * 3.0
+        if decimals is not None:
+            scores = np.round(scores, decimals)
+        targets = random_targets(rng, (n,), rate)
+        targets[rng.integers(n)] = 1
+        assert average_precision(scores, targets) == average_precision_score(targets, scores)
+        as_float32 = scores.astype(np.float32)  # logits from a model arrive as float32
+        assert average_precision(torch.from_numpy(as_float32), targets) == \
+            average_precision_score(targets, as_float32.astype(np.float64))
+
+
+def test_the_evaluator_does_not_import_sklearn() -> None:
+    """Every driver and trial process imports tuner.metrics; scikit-learn costs 0.9 s there."""
+    code = ("import sys, numpy as np, tuner.metrics as m; "
+            "m.evaluate(np.random.default_rng(0).normal(size=(30, 4)), np.eye(30, 4)); "
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('sklearn', 'scipy')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_average_precision_with_heavy_ties() -> None:
@@ -97,7 +127,7 @@ def test_per_class_ap_and_mean_ap_match_sklearn(seed: int, ties: bool) -> None:
     targets[:, [2, 5]] = 0  # classes without a positive are skipped
     expected = sklearn_aps(scores, targets)
     ap = per_class_ap(scores, targets)
-    assert_allclose(ap, expected)
+    np.testing.assert_array_equal(ap, expected)
     assert np.isnan(ap[[2, 5]]).all()
     assert_allclose(mean_ap(scores, targets)["mAP"], 100 * np.nanmean(expected))
 

@@ -21,11 +21,12 @@ method, space and budget continue an experiment, and a finished one is not run a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -502,7 +503,8 @@ def run_search(space: Any, setup: Any, exp_dir: Path, resume: bool = False,
     if resume:
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
-        return tuner.fit()
+        with light_callback_usage_tag():
+            return tuner.fit()
     searcher = PrunedAwareOptunaSearch(  # re-uses trials a search stopped at once had asked for
         space=space.define_by_run,
         metric=OBJECTIVE,
@@ -534,7 +536,38 @@ def run_search(space: Any, setup: Any, exp_dir: Path, resume: bool = False,
             verbose=1,
         ),
     )
-    return tuner.fit()
+    with light_callback_usage_tag():
+        return tuner.fit()
+
+
+@contextlib.contextmanager
+def light_callback_usage_tag() -> Iterator[None]:
+    """While a search runs, Ray's usage tag of its callbacks imports nothing.
+
+    Ray 2.60's ``tune.run`` records which callback classes a search uses (a usage-stats tag,
+    ``ray.air._internal.usage.tag_callbacks``) by importing the MLflow, W&B, Comet and Aim
+    integrations to compare class names: with MLflow installed that was 0.6-0.7 s of the
+    driver's start-up, before the first trial. Here the tag is recorded as before when those
+    integrations are already imported and skipped otherwise; nothing else changes. Should a
+    later Ray drop the function, this does nothing.
+    """
+    from ray.air._internal import usage
+
+    original = getattr(usage, "tag_callbacks", None)
+    if original is None:
+        yield
+        return
+
+    def tag_callbacks(callbacks: Any) -> Any:
+        if "ray.air.integrations.mlflow" in sys.modules:
+            return original(callbacks)
+        return False
+
+    usage.tag_callbacks = tag_callbacks
+    try:
+        yield
+    finally:
+        usage.tag_callbacks = original
 
 
 def build_sampler(search: Mapping[str, Any]) -> Any:

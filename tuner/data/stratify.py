@@ -11,7 +11,6 @@ from __future__ import annotations
 from importlib.metadata import version
 
 import numpy as np
-from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
 
 from tuner.errors import ConfigError
 
@@ -39,6 +38,10 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int = 0) -> np
     labels = np.asarray(labels, dtype=bool)
     if labels.ndim != 2 or labels.shape[1] < 2:
         raise ConfigError(f"stratification needs an (N, C >= 2) label matrix, got {labels.shape}")
+    # imported here: iterstrat imports scikit-learn (0.8 s), and every search driver imports
+    # this module through tuner.data.benchmarks without splitting anything
+    from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
     splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
     try:
         _, held_rows = next(splitter.split(np.zeros((len(labels), 1)), labels))
