@@ -15,7 +15,15 @@ import methods
 from methods.base import Method, MethodParams, TaskInfo, hp
 from tuner.backbones import build_model
 from tuner.errors import NonFiniteLossError
-from tuner.loop import SCHEDULES, TrainConfig, TrainData, ema_decay_for, fit, lr_factor
+from tuner.loop import (
+    SCHEDULES,
+    TrainConfig,
+    TrainData,
+    deterministic_torch,
+    ema_decay_for,
+    fit,
+    lr_factor,
+)
 
 N, C, S = 48, 4, 16
 
@@ -315,3 +323,31 @@ def test_evaluation_leaves_ignored_entries_out() -> None:
     got = evaluate(method, model, images, targets, {}, cfg, cpu, ignore=ignore)["mAP"]
     assert got == pytest.approx(mean_ap(scores, targets, ignore=ignore)["mAP"])
     assert got != pytest.approx(mean_ap(scores, targets)["mAP"])
+
+
+def test_deterministic_torch_without_filling_new_tensors() -> None:
+    """Deterministic algorithms on, torch's NaN fill of every torch.empty off (its whole 5%
+    cost per epoch); both back to torch's defaults when turned off. A short fit still repeats
+    to the bit under these settings."""
+    try:
+        deterministic_torch(True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.utils.deterministic.fill_uninitialized_memory is False
+        runs = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.MaxPool2d(2),
+                                        torch.nn.Flatten(), torch.nn.LazyLinear(C))
+            x = torch.randn(8, 3, S, S)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            for _ in range(3):
+                loss = model(x).square().mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        assert torch.equal(runs[0], runs[1])
+    finally:
+        deterministic_torch(False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.utils.deterministic.fill_uninitialized_memory is True

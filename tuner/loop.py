@@ -124,12 +124,21 @@ def deterministic_torch(enabled: bool = True) -> None:
     needs ``CUBLAS_WORKSPACE_CONFIG`` (set here unless already set; it is read when the
     first cuBLAS handle is created) and cuDNN's autotuner is off; an op without a
     deterministic CUDA kernel warns instead of failing the trial (``warn_only``).
+
+    torch's debugging aid of filling every new ``torch.empty`` tensor with NaN under
+    deterministic algorithms (``torch.utils.deterministic.fill_uninitialized_memory``) is
+    turned off: the docs say a program that never reads uninitialised memory stays
+    deterministic without it, and it was the whole 5% cost of determinism per epoch (a
+    ``small_cnn`` step on CPU: 4.11 s per 150 steps with the fill, 3.90 s without, 3.90 s with
+    no deterministic algorithms at all). ``tests/test_determinism.py`` checks that trials still
+    repeat to the bit, 1 and 2 workers, and after a resume.
     """
     import os
 
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(enabled, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = not enabled
     torch.backends.cudnn.deterministic = enabled
     torch.backends.cudnn.benchmark = False
 

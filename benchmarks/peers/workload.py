@@ -74,7 +74,8 @@ class Run:
 
     def __init__(self, config: dict[str, float], data: Data, max_epochs: int) -> None:
         torch.manual_seed(0)
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True)  # the platform's trial settings (equal compute)
+        torch.utils.deterministic.fill_uninitialized_memory = False
         self.data, self.rng = data, np.random.default_rng(0)
         self.model = build_model("small_cnn", data.num_classes)
         self.loss = Hill(HillParams(lam=config["lam"], margin=config["margin"],
