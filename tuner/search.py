@@ -547,9 +547,10 @@ def light_callback_usage_tag() -> Iterator[None]:
     Ray 2.60's ``tune.run`` records which callback classes a search uses (a usage-stats tag,
     ``ray.air._internal.usage.tag_callbacks``) by importing the MLflow, W&B, Comet and Aim
     integrations to compare class names: with MLflow installed that was 0.6-0.7 s of the
-    driver's start-up, before the first trial. Here the tag is recorded as before when those
-    integrations are already imported and skipped otherwise; nothing else changes. Should a
-    later Ray drop the function, this does nothing.
+    driver's start-up, before the first trial. Here the tag is recorded as before when
+    MLflow's integration (the one installed with the platform's trackers) is already imported,
+    and skipped otherwise; nothing else changes. Should a later Ray drop the function, this
+    does nothing.
     """
     from ray.air._internal import usage
 
