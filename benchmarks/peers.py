@@ -43,6 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT / "benchmarks" / "peers"
 TOKEN_VAR = "MLT_PEERS_RUN"
 SYSTEMS = ("platform", "optuna", "ray_tune")
+#: also selectable with --systems: the platform deciding rungs and suggestions on arrival
+#: (``--order arrival``, Ray's ASHA as it is) instead of in trial order (tuner.ordering)
+EXTRA = ("platform_arrival",)
 #: the issue's targets: (label, platform metric, peer, largest ratio)
 TARGETS = [("wall per trained epoch", "wall_per_epoch", "faster peer", 1.0),
            ("total wall vs stock Ray Tune", "wall", "ray_tune", 1.0),
@@ -145,12 +148,14 @@ def _process_name(pid: str) -> str:
 # ---------------------------------------------------------------- one run of one system
 def command(system: str, args: argparse.Namespace, out: Path, name: str) -> list[str]:
     size = ["--trials", str(args.trials), "--epochs", str(args.epochs)]
-    grace = ["--grace-period" if system == "platform" else "--grace", str(args.grace)]
+    platform = system.startswith("platform")
+    grace = ["--grace-period" if platform else "--grace", str(args.grace)]
     data = ["--data-dir", args.data_dir] if args.data_dir else []
-    if system == "platform":
+    if platform:
+        order = ["--order", "arrival"] if system == "platform_arrival" else []
         return [sys.executable, "-m", "tuner.search", "--method", "hill", "--space",
                 str(args.platform_root / "search_spaces" / "hill.yaml"), "--out", str(out),
-                "--name", name, *grace, *size, *data]
+                "--name", name, *grace, *size, *data, *order]
     script = {"optuna": "plain_optuna.py", "ray_tune": "stock_ray_tune.py"}[system]
     extra = ["--out", str(out / name)] if system == "ray_tune" else []
     return [sys.executable, str(PEERS / script), *size, *grace, *data, *extra]
@@ -159,7 +164,7 @@ def command(system: str, args: argparse.Namespace, out: Path, name: str) -> list
 def run_once(system: str, args: argparse.Namespace, out: Path, name: str) -> dict[str, Any]:
     """Run one system to its end; its measurements (raises with the log on failure)."""
     token = uuid.uuid4().hex
-    code = args.platform_root if system == "platform" else ROOT
+    code = args.platform_root if system.startswith("platform") else ROOT
     env = {**os.environ, TOKEN_VAR: token,
            "PYTHONPATH": os.pathsep.join([str(code), str(PEERS), os.environ.get("PYTHONPATH", "")])}
     log = out / f"{name}.log"
@@ -174,7 +179,7 @@ def run_once(system: str, args: argparse.Namespace, out: Path, name: str) -> dic
     if proc.returncode != 0:
         sys.exit(f"{system} failed (exit {proc.returncode}); log: {log}\n"
                  + log.read_text()[-2000:])
-    if system == "platform":
+    if system.startswith("platform"):
         result = platform_result(out / name)
     else:
         result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -237,7 +242,7 @@ def row(r: dict[str, Any]) -> str:
 
 def medians(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     out = {}
-    for system in SYSTEMS:
+    for system in SYSTEMS + EXTRA:
         mine = [r for r in runs if r["system"] == system]
         if mine:
             out[system] = {"system": system, **{
@@ -263,6 +268,18 @@ def ratio_lines(med: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def order_line(med: dict[str, dict[str, Any]], runs: list[dict[str, Any]]) -> str:
+    """The cost of deciding in trial order, and whether each order gave one answer."""
+    def answers(system: str) -> str:
+        seen = sorted({(r["epochs"], round(r["best_val_mAP"], 2)) for r in runs
+                       if r["system"] == system})
+        return " / ".join(f"{e} epochs, val {v:.2f}" for e, v in seen)
+
+    ratio = med["platform"]["wall"] / med["platform_arrival"]["wall"]
+    return (f"search.order trial vs arrival: wall {ratio:.2f}x; answers over the rounds: "
+            f"trial {answers('platform')}; arrival {answers('platform_arrival')}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3)
@@ -272,7 +289,8 @@ def main() -> None:
                    help="ASHA grace period / pruner min resource (search_spaces/hill.yaml: 4)")
     p.add_argument("--quick", action="store_true", help="1 round of 2 trials x 2 epochs")
     p.add_argument("--data-dir", help="prepared DigitsMLT (default: the cache)")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset")
+    p.add_argument("--systems", default=",".join(SYSTEMS),
+                   help=f"comma-separated subset of {','.join(SYSTEMS + EXTRA)}")
     p.add_argument("--breakdown", action="store_true",
                    help="also print each run's CPU seconds by kind of process")
     p.add_argument("--platform-root", type=Path, default=ROOT,
@@ -282,9 +300,9 @@ def main() -> None:
     if args.quick:
         args.rounds, args.trials, args.epochs, args.grace = 1, 2, 2, 1
     systems = [s for s in args.systems.split(",") if s]
-    unknown = sorted(set(systems) - set(SYSTEMS))
+    unknown = sorted(set(systems) - set(SYSTEMS + EXTRA))
     if unknown:
-        sys.exit(f"--systems: unknown {unknown}; choose from {','.join(SYSTEMS)}")
+        sys.exit(f"--systems: unknown {unknown}; choose from {','.join(SYSTEMS + EXTRA)}")
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  load average {os.getloadavg()}  "
           f"{os.cpu_count()} CPUs; {args.rounds} rounds of {args.trials} trials x "
           f"{args.epochs} epochs", flush=True)
@@ -304,6 +322,8 @@ def main() -> None:
         print(row(r))
     if {"platform", "optuna", "ray_tune"} <= set(med):
         print("\n" + "\n".join(ratio_lines(med)))
+    if {"platform", "platform_arrival"} <= set(med):
+        print("\n" + order_line(med, runs))
     if args.breakdown:
         for r in runs:
             top = ", ".join(f"{k} {v:.1f}" for k, v in list(r["cpu_by_process"].items())[:8])

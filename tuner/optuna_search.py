@@ -18,6 +18,11 @@ numbers intermediate values by Tune's ``training_iteration`` (which restarts on 
   saved any state) hands Optuna trials that were asked for but never reached Tune's saved
   state to the next new Tune trials, with their parameters, so a resumed study has exactly
   one Optuna trial per Tune trial and nothing is suggested twice;
+* with a :class:`tuner.ordering.SearchClock` (``search.order: trial``), suggests each trial
+  having told Optuna exactly the trials that ended at or before its logical start, and waits
+  (returns None, so Tune asks again) while a running trial could still end before then; the
+  tells of other ended trials are deferred until then, or until the last trial is asked for
+  (a sampler that ignores results, ``sampler_learns=False``, only numbers the trials);
 * after a search that ended with trials unfinished (Ctrl-C, a full disk, an error:
   ``tuner.faults`` tells them FAIL with user attribute ``interrupted``), continues each
   resumed Tune trial as a new Optuna trial with the same parameters and intermediate values
@@ -69,7 +74,9 @@ class PrunedAwareOptunaSearch(OptunaSearch):
     """OptunaSearch that marks early-stopped trials PRUNED and keeps every epoch's value."""
 
     def __init__(self, *args: Any, max_epochs: int, objective: str = "best_val_mAP",
-                 stopped_state: str = "pruned", **kwargs: Any) -> None:
+                 stopped_state: str = "pruned", clock: Any = None,
+                 num_trials: int | None = None, sampler_learns: bool = True,
+                 **kwargs: Any) -> None:
         if stopped_state not in ("pruned", "complete"):
             raise ValueError(f"stopped_state must be pruned or complete, got {stopped_state!r}")
         super().__init__(*args, **kwargs)
@@ -77,20 +84,51 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         self._max_epochs = int(max_epochs)
         self._objective = objective
         self._reported: dict[str, set[int]] = {}
+        self._clock = clock  # tuner.ordering.SearchClock, or None: tell and ask on arrival
+        self._num_trials = num_trials
+        # a sampler that ignores results (random search) needs the clock's trial numbers only
+        self._learns = sampler_learns
+        self._deferred: dict[str, tuple[dict[str, Any] | None, bool]] = {}
         # a search started again in place (killed before Tune saved any state) finds the
         # Optuna trials it had asked for in the study: hand them to its first trials
         self._orphans = self._unclaimed() if getattr(self, "_ot_study", None) else []
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        clock, start = self.__dict__.get("_clock"), None
+        if clock is not None and trial_id not in self._ot_trials:
+            start = clock.next_start() if self._learns else 0
+            if start is None:  # a running trial may still end before this one's start
+                return None
+            self._tell_deferred(clock.ended_by(start))
         if trial_id not in self._ot_trials and self._orphans:
             self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, self._orphans.pop(0))
         params = super().suggest(trial_id)
         if trial_id in self._ot_trials:
             self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)
+        if start is not None and isinstance(params, dict):
+            clock.add(trial_id, start)
+            if self._num_trials is not None and len(clock) >= self._num_trials:
+                self._stop_deferring()  # nothing left to ask for
         return params
+
+    def _tell_deferred(self, trial_ids: list[str]) -> None:
+        for trial_id in trial_ids:
+            if trial_id in self._deferred:
+                result, error = self._deferred.pop(trial_id)
+                self._tell(trial_id, result, error)
+
+    def _stop_deferring(self) -> None:
+        """Tell every deferred trial now and every later one on arrival."""
+        clock, self._clock = self.__dict__.get("_clock"), None
+        if clock is not None:
+            self._tell_deferred(clock.ended_by(float("inf")))
+        self._tell_deferred(list(self.__dict__.get("_deferred", {})))
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
+        self.__dict__.setdefault("_deferred", {})
+        self.__dict__.setdefault("_learns", True)
+        self._clock = None  # a resumed search decides on arrival (tuner.ordering)
         self.__dict__.setdefault("_orphans", [])
         self.__dict__.setdefault("_stopped", TrialState.PRUNED)
         self._orphans = self._unclaimed()
@@ -98,6 +136,7 @@ class PrunedAwareOptunaSearch(OptunaSearch):
             tune_id for tune_id, t in self._ot_trials.items()
             if _closed_as_interrupted(self._ot_study._storage.get_trial(t._trial_id))
         }
+        self._tell_deferred(list(self._deferred))  # trials that ended before the crash
 
     def _live_trial(self, trial_id: str) -> optuna.trial.Trial:
         """The Optuna trial of a Tune trial; a trial the previous run closed as interrupted
@@ -150,6 +189,16 @@ class PrunedAwareOptunaSearch(OptunaSearch):
                           error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
+        clock = self.__dict__.get("_clock")
+        if clock is not None and trial_id in clock.entries:
+            if error:
+                clock.failed(trial_id)
+            if self._learns:
+                self._deferred[trial_id] = (result, error)  # told when a later trial may see it
+                return
+        self._tell(trial_id, result, error)
+
+    def _tell(self, trial_id: str, result: dict[str, Any] | None, error: bool) -> None:
         state, value = self._final_state(result, error)
         if result and state != TrialState.FAIL:
             self._report(trial_id, result)

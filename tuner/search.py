@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Optuna sampler (search.sampler; default tpe, random is a baseline)")
     p.add_argument("--scheduler", choices=SEARCH_CHOICES["scheduler"],
                    help="early stopping (search.scheduler; default asha, fifo runs every epoch)")
+    p.add_argument("--order", choices=SEARCH_CHOICES["order"],
+                   help="rung decisions and suggestions in trial order, the same every run "
+                        "(search.order; default trial), or on arrival (Ray's ASHA as it is)")
     p.add_argument("--data-dir", help="prepared benchmark directory (default: the cache)")
     p.add_argument("--benchmark", help="benchmark (data.benchmark), e.g. digits-mlt or voc-mlt")
     p.add_argument("--label-regime", metavar="KIND[:RATE]",
@@ -99,6 +102,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         ("search", "seed"): args.seed,
         ("search", "sampler"): args.sampler,
         ("search", "scheduler"): args.scheduler,
+        ("search", "order"): args.order,
         ("asha", "max_epochs"): args.epochs,
         ("asha", "grace_period"): args.grace_period,
         ("resources", "cpus_per_trial"): args.cpus_per_trial,
@@ -484,6 +488,7 @@ def run_search(space: Any, setup: Any, exp_dir: Path, resume: bool = False,
     from ray import tune
 
     from tuner.optuna_search import PrunedAwareOptunaSearch, sqlite_storage
+    from tuner.ordering import SearchClock
     from tuner.trainable import train_trial
 
     # save Tune's experiment state (trials + searcher) at least every second, so a crash
@@ -496,6 +501,8 @@ def run_search(space: Any, setup: Any, exp_dir: Path, resume: bool = False,
     exp_dir.mkdir(parents=True, exist_ok=True)  # experiment_dir decided new/resume/restart
     search = space.search
     cluster = ray.cluster_resources()
+    slots = concurrency(space, cluster)
+    clock = SearchClock(slots) if search["order"] == "trial" else None
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, setup=setup), trial_resources(space, cluster)
     )
@@ -514,6 +521,9 @@ def run_search(space: Any, setup: Any, exp_dir: Path, resume: bool = False,
         study_name=exp_dir.name,
         max_epochs=space.max_epochs,
         stopped_state=search["stopped_trials"],
+        clock=clock,
+        num_trials=search["num_trials"],
+        sampler_learns=search["sampler"] != "random",
     )
     tuner = tune.Tuner(
         trainable,
@@ -521,9 +531,9 @@ def run_search(space: Any, setup: Any, exp_dir: Path, resume: bool = False,
             metric=OBJECTIVE,
             mode="max",
             search_alg=searcher,
-            scheduler=build_scheduler(space),
+            scheduler=build_scheduler(space, clock),
             num_samples=search["num_trials"],
-            max_concurrent_trials=concurrency(space, cluster),
+            max_concurrent_trials=slots,
             trial_dirname_creator=trial_dirname,
             reuse_actors=reuse_actors,
         ),
@@ -582,10 +592,22 @@ def build_sampler(search: Mapping[str, Any]) -> Any:
     return optuna.samplers.TPESampler(seed=search["seed"], n_startup_trials=startup)
 
 
-def build_scheduler(space: Any) -> Any:
-    """ASHA on ``epoch`` (``search.scheduler: asha``), or FIFO: every trial runs every epoch."""
+def build_scheduler(space: Any, clock: Any = None) -> Any:
+    """ASHA on ``epoch`` (``search.scheduler: asha``), or FIFO: every trial runs every epoch.
+
+    With a :class:`tuner.ordering.SearchClock` (``search.order: trial``), the same rules
+    decided in trial order (:class:`tuner.ordering.OrderedASHA`)."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    if clock is not None:
+        from tuner.ordering import OrderedASHA
+
+        asha = space.asha
+        return OrderedASHA(
+            clock, metric=OBJECTIVE, mode="max", time_attr="epoch", max_t=asha["max_epochs"],
+            grace_period=asha["grace_period"] if space.search["scheduler"] == "asha" else None,
+            reduction_factor=asha["reduction_factor"],
+        )
     if space.search["scheduler"] == "fifo":
         return FIFOScheduler()
     asha = space.asha

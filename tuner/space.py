@@ -9,7 +9,8 @@ A space file has these sections (see ``search_spaces/*.yaml``)::
     asha:      {max_epochs, grace_period, reduction_factor}
     search:    {num_trials, max_concurrent (an integer or auto), seed, n_startup_trials,
                 max_failures, sampler (tpe | random), scheduler (asha | fifo),
-                stopped_trials (pruned | complete), repeats, repeats_top}
+                stopped_trials (pruned | complete), repeats, repeats_top,
+                order (trial | arrival: tuner.ordering)}
     resources: {cpus_per_trial, gpus_per_trial, data_cpus, workers_per_trial, cpus_per_worker,
                 gpus_per_worker}
 
@@ -50,7 +51,7 @@ SECTIONS = {
     "asha": {"max_epochs": 6, "grace_period": 2, "reduction_factor": 2},
     "search": {"num_trials": 8, "max_concurrent": 2, "seed": 0, "n_startup_trials": None,
                "max_failures": 2, "sampler": "tpe", "scheduler": "asha",
-               "stopped_trials": "pruned", "repeats": 0, "repeats_top": 3},
+               "stopped_trials": "pruned", "repeats": 0, "repeats_top": 3, "order": "trial"},
     "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "data_cpus": 1,
                   "workers_per_trial": 1, "cpus_per_worker": 1, "gpus_per_worker": 0,
                   "data_path": "auto"},
@@ -61,6 +62,7 @@ SEARCH_CHOICES = {
     "sampler": ("tpe", "random"),
     "scheduler": ("asha", "fifo"),
     "stopped_trials": ("pruned", "complete"),
+    "order": ("trial", "arrival"),
 }
 _INVALID = object()  # placeholder of a domain that failed to parse (already reported)
 
