@@ -30,6 +30,7 @@ class _Trial:
     def __init__(self, trial_id: str) -> None:
         self.trial_id, self.status, self.num_failures = trial_id, Trial.RUNNING, 0
         self.last_result: dict[str, Any] = {}
+        self.is_saving = False  # Tune saves each epoch's checkpoint before acting on it
 
 
 class _Controller:
@@ -115,6 +116,30 @@ def test_waiting_trial_is_stopped_when_an_earlier_one_ranks_above_it() -> None:
     assert sched.clock.entries["t1"].end == 1
 
 
+def test_a_decision_waits_for_the_checkpoint_save_of_the_waiting_trial() -> None:
+    sched, ctl, (t0, t1) = _ordered(2, max_t=4, grace_period=1, reduction_factor=2)
+    assert _report(sched, ctl, t1, 1, 40.0) == NOOP
+    t1.is_saving = True  # Tune is still saving t1's epoch-1 checkpoint
+    assert _report(sched, ctl, t0, 1, 70.0) == CONTINUE
+    assert ctl.actions == [] and sched.clock.entries["t1"].end == 1  # decided, end known
+    sched.choose_trial_to_run(ctl)
+    assert ctl.actions == []
+    t1.is_saving = False
+    sched.choose_trial_to_run(ctl)  # Tune's next step
+    assert ctl.actions == [("t1", STOP)]
+
+
+def test_a_stop_returned_to_tune_sets_the_end_at_once() -> None:
+    """Tune carries out a returned STOP after the checkpoint save; the clock must not count
+    the trial as running meanwhile (the next trial's start would depend on that timing)."""
+    sched, ctl, (t0, t1) = _ordered(2, max_t=2, grace_period=1, reduction_factor=2)
+    assert _report(sched, ctl, t0, 1, 70.0) == CONTINUE
+    assert _report(sched, ctl, t1, 1, 40.0) == STOP
+    assert sched.clock.entries["t1"].end == 1
+    assert _report(sched, ctl, t0, 2, 75.0) == STOP  # max_t
+    assert sched.clock.entries["t0"].end == 2
+
+
 def test_an_earlier_trial_ending_before_the_rung_releases_the_wait() -> None:
     sched, ctl, (t0, t1) = _ordered(2, max_t=8, grace_period=2, reduction_factor=2)
     assert _report(sched, ctl, t0, 1, 30.0) == CONTINUE
@@ -191,15 +216,18 @@ def test_searcher_tells_only_what_ended_before_the_next_start(tmp_path: Path) ->
     assert searcher.suggest("a") is not None and searcher.suggest("b") is not None
     for epoch in (1, 2):
         searcher.on_trial_result("b", {"val_mAP": 10.0 * epoch, "epoch": epoch})
-    clock.entries["b"].epochs, clock.entries["b"].end = 2, 2
+        searcher.on_trial_result("a", {"val_mAP": 30.0 + epoch, "epoch": epoch})
+    clock.entries["a"].epochs = 2  # a continues past epoch 2
+    clock.entries["b"].epochs, clock.entries["b"].end = 2, 2  # b's stop decided at time 2...
+    assert searcher.suggest("c") is None  # ... but Tune has not handed b over yet: wait
     searcher.on_trial_complete("b", {"val_mAP": 20.0, "epoch": 2, "best_val_mAP": 20.0})
-    for epoch in (1, 2, 3, 4):
+    for epoch in (3, 4):
         searcher.on_trial_result("a", {"val_mAP": 30.0 + epoch, "epoch": epoch})
     clock.entries["a"].epochs, clock.entries["a"].end = 4, 4  # a ended in real time first...
     searcher.on_trial_complete("a", {"val_mAP": 34.0, "epoch": 4, "best_val_mAP": 34.0})
     study = searcher._ot_study
     states = [t.state for t in study.get_trials(deepcopy=False)]
-    assert states == [optuna.trial.TrialState.RUNNING] * 2  # ... both told later
+    assert states == [optuna.trial.TrialState.RUNNING] * 2  # ... both are told later
     assert searcher.suggest("c") is not None  # c starts at time 2, when b ended
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     assert states == {0: optuna.trial.TrialState.RUNNING, 1: optuna.trial.TrialState.PRUNED,
@@ -208,7 +236,8 @@ def test_searcher_tells_only_what_ended_before_the_next_start(tmp_path: Path) ->
     clock.entries["c"].epochs = 2  # c: start 2 + 2 epochs, continuing: ends at 5 or later
     assert searcher.suggest("d") is not None  # the last trial: every deferred tell goes out
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
-    assert states[0] == optuna.trial.TrialState.COMPLETE and states[3] == optuna.trial.TrialState.RUNNING
+    assert states[0] == optuna.trial.TrialState.COMPLETE
+    assert states[3] == optuna.trial.TrialState.RUNNING
 
 
 def test_random_search_numbers_trials_without_waiting(tmp_path: Path) -> None:

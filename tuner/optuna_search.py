@@ -99,7 +99,10 @@ class PrunedAwareOptunaSearch(OptunaSearch):
             start = clock.next_start() if self._learns else 0
             if start is None:  # a running trial may still end before this one's start
                 return None
-            self._tell_deferred(clock.ended_by(start))
+            ended = clock.ended_by(start)
+            if any(t not in self._deferred and t not in self._completed_trials for t in ended):
+                return None  # stopped, but Tune has not handed it to the searcher yet
+            self._tell_deferred(ended)
         if trial_id not in self._ot_trials and self._orphans:
             self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, self._orphans.pop(0))
         params = super().suggest(trial_id)

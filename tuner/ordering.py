@@ -130,6 +130,7 @@ class OrderedASHA(FIFOScheduler):
         self._rungs = rungs(grace_period, max_t, reduction_factor) if grace_period else []
         self._recorded: dict[int, dict[str, float]] = {m: {} for m in self._rungs}
         self._waiting: dict[str, tuple[Any, Any]] = {}  # trial id -> (Tune trial, value) held
+        self._actions: dict[str, tuple[Any, str]] = {}  # decided, not yet carried out
         self._settling = False
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
@@ -155,9 +156,16 @@ class OrderedASHA(FIFOScheduler):
                 action = TrialScheduler.NOOP
             else:
                 action = self._decide(trial.trial_id, rung, result[self._metric])
+        if action == TrialScheduler.STOP and entry is not None:
+            # its end is known now; Tune stops it only after the epoch's checkpoint is saved
+            entry.end = entry.epochs
         if action != TrialScheduler.NOOP:
             self._settle(tune_controller)
         return action
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Any:
+        self._carry_out(tune_controller)  # Tune calls this on every step of its loop
+        return super().choose_trial_to_run(tune_controller)
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
         self._ended(tune_controller, trial, ended=True)
@@ -217,6 +225,7 @@ class OrderedASHA(FIFOScheduler):
             if ended and entry.end is None:
                 entry.end = entry.epochs
         self._waiting.pop(trial.trial_id, None)
+        self._actions.pop(trial.trial_id, None)
         self._settle(tune_controller)
 
     def _settle(self, tune_controller: Any) -> None:
@@ -240,12 +249,23 @@ class OrderedASHA(FIFOScheduler):
                         action = self._decide(tid, rung, value)
                     if action == TrialScheduler.STOP:
                         entry.end = entry.epochs
-                        tune_controller.stop_trial(trial)
-                    else:  # what Tune does on CONTINUE (Ray 2.60; tests/test_ordering.py);
-                        # the controller itself, not the wrapper that warns on private names
-                        getattr(tune_controller, "_tune_controller",
-                                tune_controller)._schedule_trial_train(trial)
+                    self._actions[tid] = (trial, action)
                     progress = True
                     break  # the sets changed: start again from the earliest
         finally:
             self._settling = False
+        self._carry_out(tune_controller)
+
+    def _carry_out(self, tune_controller: Any) -> None:
+        """Continue or stop the trials decided after waiting, once Tune has saved the
+        checkpoint of their last epoch (it holds a trial's decisions until then)."""
+        for tid, (trial, action) in list(self._actions.items()):
+            if getattr(trial, "is_saving", False) or tid not in self._actions:
+                continue
+            del self._actions[tid]
+            if action == TrialScheduler.STOP:
+                tune_controller.stop_trial(trial)
+            else:  # what Tune does on CONTINUE (Ray 2.60; tests/test_ordering.py), on the
+                # controller itself, not the wrapper that warns on private names
+                getattr(tune_controller, "_tune_controller",
+                        tune_controller)._schedule_trial_train(trial)
