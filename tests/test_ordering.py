@@ -136,6 +136,7 @@ def test_a_stop_returned_to_tune_sets_the_end_at_once() -> None:
     assert _report(sched, ctl, t0, 1, 70.0) == CONTINUE
     assert _report(sched, ctl, t1, 1, 40.0) == STOP
     assert sched.clock.entries["t1"].end == 1
+    assert sched.clock.entries["t1"].result == {"epoch": 1, "val_mAP": 40.0}
     assert _report(sched, ctl, t0, 2, 75.0) == STOP  # max_t
     assert sched.clock.entries["t0"].end == 2
 
@@ -219,8 +220,9 @@ def test_searcher_tells_only_what_ended_before_the_next_start(tmp_path: Path) ->
         searcher.on_trial_result("a", {"val_mAP": 30.0 + epoch, "epoch": epoch})
     clock.entries["a"].epochs = 2  # a continues past epoch 2
     clock.entries["b"].epochs, clock.entries["b"].end = 2, 2  # b's stop decided at time 2...
-    assert searcher.suggest("c") is None  # ... but Tune has not handed b over yet: wait
-    searcher.on_trial_complete("b", {"val_mAP": 20.0, "epoch": 2, "best_val_mAP": 20.0})
+    assert searcher.suggest("c") is None  # ... but neither Tune nor the scheduler has its result
+    # the scheduler keeps the result of a stop it decided (Tune hands it over after the save)
+    clock.entries["b"].result = {"val_mAP": 20.0, "epoch": 2, "best_val_mAP": 20.0}
     for epoch in (3, 4):
         searcher.on_trial_result("a", {"val_mAP": 30.0 + epoch, "epoch": epoch})
     clock.entries["a"].epochs, clock.entries["a"].end = 4, 4  # a ended in real time first...
@@ -232,6 +234,8 @@ def test_searcher_tells_only_what_ended_before_the_next_start(tmp_path: Path) ->
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     assert states == {0: optuna.trial.TrialState.RUNNING, 1: optuna.trial.TrialState.PRUNED,
                       2: optuna.trial.TrialState.RUNNING}
+    assert study.get_trials(deepcopy=False)[1].intermediate_values == {1: 10.0, 2: 20.0}
+    searcher.on_trial_complete("b", {"val_mAP": 20.0, "epoch": 2, "best_val_mAP": 20.0})
     assert searcher.suggest("d") is None  # needs a second end: c may end before a's 4
     clock.entries["c"].epochs = 2  # c: start 2 + 2 epochs, continuing: ends at 5 or later
     assert searcher.suggest("d") is not None  # the last trial: every deferred tell goes out

@@ -100,8 +100,11 @@ class PrunedAwareOptunaSearch(OptunaSearch):
             if start is None:  # a running trial may still end before this one's start
                 return None
             ended = clock.ended_by(start)
-            if any(t not in self._deferred and t not in self._completed_trials for t in ended):
-                return None  # stopped, but Tune has not handed it to the searcher yet
+            for t in ended:  # stopped, not yet handed over by Tune: the scheduler's result
+                if t not in self._deferred and t not in self._completed_trials:
+                    if clock.entries[t].result is None:
+                        return None
+                    self._deferred[t] = (clock.entries[t].result, False)
             self._tell_deferred(ended)
         if trial_id not in self._ot_trials and self._orphans:
             self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, self._orphans.pop(0))

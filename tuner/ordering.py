@@ -53,6 +53,7 @@ class _Entry:
     epochs: int = 0  # last epoch reported
     end: int | None = None  # epochs trained when it ended
     waiting: bool = False  # its decision at ``epochs`` is not taken yet
+    result: dict | None = None  # the last result of a trial this scheduler stopped
 
 
 @dataclass
@@ -129,7 +130,7 @@ class OrderedASHA(FIFOScheduler):
         self._rf = float(reduction_factor)
         self._rungs = rungs(grace_period, max_t, reduction_factor) if grace_period else []
         self._recorded: dict[int, dict[str, float]] = {m: {} for m in self._rungs}
-        self._waiting: dict[str, tuple[Any, Any]] = {}  # trial id -> (Tune trial, value) held
+        self._waiting: dict[str, tuple[Any, dict]] = {}  # trial id -> (Tune trial, result)
         self._actions: dict[str, tuple[Any, str]] = {}  # decided, not yet carried out
         self._settling = False
 
@@ -152,13 +153,15 @@ class OrderedASHA(FIFOScheduler):
                 action = TrialScheduler.CONTINUE
             elif entry is not None and self._blockers(tune_controller, entry, rung):
                 entry.waiting = True
-                self._waiting[trial.trial_id] = (trial, result[self._metric])
+                self._waiting[trial.trial_id] = (trial, result)
                 action = TrialScheduler.NOOP
             else:
                 action = self._decide(trial.trial_id, rung, result[self._metric])
         if action == TrialScheduler.STOP and entry is not None:
-            # its end is known now; Tune stops it only after the epoch's checkpoint is saved
-            entry.end = entry.epochs
+            # its end is known now; Tune stops it only after the epoch's checkpoint is saved,
+            # and the searcher may take its result from here before that (no process start
+            # for the next trial while two trials stop at once: Tune caches only one)
+            entry.end, entry.result = entry.epochs, dict(result)
         if action != TrialScheduler.NOOP:
             self._settle(tune_controller)
         return action
@@ -242,13 +245,13 @@ class OrderedASHA(FIFOScheduler):
                     rung = self._rung_due(tid, entry.epochs)
                     if rung is not None and self._blockers(tune_controller, entry, rung):
                         continue
-                    trial, value = self._waiting.pop(tid)
+                    trial, result = self._waiting.pop(tid)
                     entry.waiting = False
                     action = TrialScheduler.CONTINUE
                     if rung is not None:
-                        action = self._decide(tid, rung, value)
+                        action = self._decide(tid, rung, result[self._metric])
                     if action == TrialScheduler.STOP:
-                        entry.end = entry.epochs
+                        entry.end, entry.result = entry.epochs, dict(result)
                     self._actions[tid] = (trial, action)
                     progress = True
                     break  # the sets changed: start again from the earliest
