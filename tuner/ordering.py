@@ -20,6 +20,12 @@ trials are numbered in the order they were asked for, every epoch counts one uni
   before trial ``k``'s logical start (:class:`tuner.optuna_search.PrunedAwareOptunaSearch`
   defers its ``tell``), waiting when a running trial could still end before then.
 
+Tune carries out a decision only after it has saved the epoch's checkpoint, so a stop's end
+and result are kept here when it is decided: the next suggestion needs neither to wait for
+Tune's stop nor to see a trial as running that has ended (which made two runs differ), and
+the next trial is pending when the stopped trial's process is freed, so it reuses it (Tune
+keeps only one idle process when no trial is pending).
+
 So a search's answer is a function of its space and seeds. The waits are short when trials'
 epochs take about as long (they wait for the near-ties that arrival order used to break); a
 space whose configurations differ a lot in speed (e.g. a searched batch size) waits longer,
