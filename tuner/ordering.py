@@ -39,17 +39,11 @@ that slot.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from ray.tune.schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
-
-logger = logging.getLogger(__name__)
-
-#: ``search.order`` choices
-ORDERS = ("trial", "arrival")
 
 
 @dataclass
@@ -111,7 +105,7 @@ class SearchClock:
 
 
 def rungs(grace_period: int, max_t: int, reduction_factor: float) -> list[int]:
-    """Ray's ASHA milestones (one bracket), ascending: ``grace * rf**k`` below ``max_t``."""
+    """Ray's ASHA milestones (one bracket), ascending: ``grace * rf**k`` up to ``max_t``."""
     count = int(np.log(max_t / grace_period) / np.log(reduction_factor) + 1)
     return sorted(grace_period * reduction_factor ** k for k in range(count))
 
