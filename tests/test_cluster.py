@@ -161,3 +161,36 @@ def test_search_progress_classifies_trial_outcomes() -> None:
     assert progress.counts == {"finished": 1, "pruned": 1, "failed": 1}
     assert progress.best == 55.5
     assert images_per_second({"train_images": 880, "train_time": 2.2}) == pytest.approx(400.0)
+
+
+@pytest.mark.integration
+def test_stop_local_stops_every_process_of_the_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tuner.cluster.stop_local: the autoscaler monitor is killed before ray.shutdown() (which
+    otherwise waits 1 s for it), and every process the local cluster started has ended."""
+    from ray._private import ray_constants, worker
+
+    from tuner.cluster import start_local, stop_local
+    from tuner.search import free_port, local_worker_env
+
+    if ray.is_initialized():
+        ray.shutdown()
+    port = free_port()
+    start_local(1, port, local_worker_env(port))
+    processes = {kind: [info.process for info in infos]
+                 for kind, infos in worker._global_node.all_processes.items()}
+    monitor = processes[ray_constants.PROCESS_TYPE_MONITOR][0]
+    assert ray_constants.PROCESS_TYPE_RAYLET in processes and monitor.poll() is None
+    monitor_when_shutdown: list[int | None] = []
+    shutdown = ray.shutdown
+
+    def watched_shutdown(*args: Any, **kwargs: Any) -> None:  # the real one, observed
+        monitor_when_shutdown.append(monitor.poll())
+        shutdown(*args, **kwargs)
+
+    monkeypatch.setattr(ray, "shutdown", watched_shutdown)
+    stop_local()
+    assert not ray.is_initialized()
+    # killed before ray.shutdown() stopped the GCS: no report to a dead GCS to wait out
+    assert monitor_when_shutdown == [-9]
+    running = [kind for kind, procs in processes.items() for p in procs if p.poll() is None]
+    assert running == []

@@ -405,9 +405,9 @@ def _main(argv: Sequence[str] | None) -> int:
                 _report(root / "searches" / name)
     finally:
         if not ray_was_up and _ray_up():  # leave a cluster the caller started alone
-            import ray
+            from tuner.cluster import stop_local
 
-            ray.shutdown()
+            stop_local()
     table = write_results(root, names, status, settings)
     print(markdown(table, settings))
     print(f"comparison: {root / 'comparison.html'} ({time.perf_counter() - t0:.0f} s)")

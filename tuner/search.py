@@ -377,9 +377,7 @@ def _main(argv: Sequence[str] | None) -> int:
     experiment.mark_finished(exp_dir, results, space, tested=not args.no_test)
     print(f"experiment directory: {exp_dir}")
     if local:  # now, not in Ray's exit hook, which first sleeps 0.5 s for late worker errors
-        import ray
-
-        ray.shutdown()
+        cluster.stop_local()
     return 0
 
 
