@@ -258,6 +258,17 @@ def test_an_unfinished_search_with_the_same_settings_continues(tmp_path: Path) -
     assert experiment.check_reuse(args, space) is False  # tuner.search resumes it
 
 
+def test_a_search_recorded_before_search_order_existed_continues(tmp_path: Path) -> None:
+    exp = started_experiment(tmp_path, finished=False)
+    record = json.loads((exp / experiment.RECORD).read_text())
+    record["fingerprint"].pop("search.order", None)  # as written before the setting existed
+    (exp / experiment.RECORD).write_text(json.dumps(record))
+    args = search.build_parser().parse_args(search_argv(tmp_path, "--trials", "4",
+                                                        "--order", "arrival"))
+    space = load_space(BCE, search.overrides_from_args(args), method="bce")
+    assert experiment.check_reuse(args, space) is False
+
+
 def test_an_older_experiment_of_another_method_is_refused(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     exp = tmp_path / "exp" / "x"

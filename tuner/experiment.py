@@ -27,8 +27,11 @@ from typing import Any
 from tuner.errors import ConfigError
 
 RECORD = "experiment.json"
-#: where a search runs, not what it is: free to change when it continues
-FREE = frozenset({"search.max_concurrent", "search.max_failures", "data.data_dir"})
+#: where a search runs, not what it is: free to change when it continues. ``search.order``
+#: too: a continued search decides on arrival whatever it was (Tune saves no scheduler,
+#: tuner.ordering), and experiments recorded before the setting existed must stay resumable
+FREE = frozenset({"search.max_concurrent", "search.max_failures", "data.data_dir",
+                  "search.order"})
 _SECTIONS = ("data", "train", "params", "asha", "search")
 
 

@@ -125,10 +125,8 @@ class PrunedAwareOptunaSearch(OptunaSearch):
 
     def _stop_deferring(self) -> None:
         """Tell every deferred trial now and every later one on arrival."""
-        clock, self._clock = self.__dict__.get("_clock"), None
-        if clock is not None:
-            self._tell_deferred(clock.ended_by(float("inf")))
-        self._tell_deferred(list(self.__dict__.get("_deferred", {})))
+        self._clock = None
+        self._tell_deferred(list(self._deferred))
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
