@@ -228,11 +228,11 @@ def summarize(system: str, result: dict[str, Any], wall: float, cpu: float, laun
 
 
 # ---------------------------------------------------------------- report
-COLUMNS = [("system", "{:<9}"), ("wall", "{:>7.1f}"), ("cpu", "{:>7.1f}"), ("epochs", "{:>7d}"),
+COLUMNS = [("system", "{:<17}"), ("wall", "{:>7.1f}"), ("cpu", "{:>7.1f}"), ("epochs", "{:>7d}"),
            ("wall_per_epoch", "{:>8.2f}"), ("cpu_per_epoch", "{:>8.2f}"),
            ("steady_epoch", "{:>7.2f}"), ("startup", "{:>7.2f}"), ("driver", "{:>7.1f}"),
            ("best_val_mAP", "{:>7.2f}"), ("test_mAP", "{:>7.2f}")]
-HEADER = (f"{'system':<9}{'wall s':>7}{'CPU s':>7}{'epochs':>7}{'wall/ep':>8}{'CPU/ep':>8}"
+HEADER = (f"{'system':<17}{'wall s':>7}{'CPU s':>7}{'epochs':>7}{'wall/ep':>8}{'CPU/ep':>8}"
           f"{'steady':>7}{'start':>7}{'driver':>7}{'val':>7}{'test':>7}")
 
 
