@@ -12,13 +12,20 @@ deterministic. It prints
 * **(b)** the Spearman correlation of two train seeds' best validation mAP over ``--configs``
   random configurations of ``--space`` (Hill in its regime; target >= 0.9);
 * **(c)** BCE, Hill and SPLC at their defaults in the Hill space's regime (missing labels,
-  q = 0.6), over ``--method-seeds`` seeds.
+  q = 0.6), over ``--method-seeds`` seeds, with each method's difference from BCE per seed.
+
+``--epochs`` trains longer than the space's budget; ``--budgets 8,12,16`` then prints (a) and
+(c) for each budget from the same runs (the best of a run's first e epochs), which is what a
+run of e epochs gives when the schedule does not depend on the budget (``schedule: constant``
+or ``rsqrt``, as the shipped Hill and SPLC spaces); with ``cosine`` it refuses.
 
 Each finished run is appended to ``--out`` (JSON lines); a second invocation with the same file
 skips the runs it already holds, so an interrupted measurement continues. ``--workers``
 processes train at once, each with one torch thread: the figures do not depend on it.
 
     python benchmarks/digits_signal.py --out digits_signal.jsonl --workers 2
+    python benchmarks/digits_signal.py --bce-space search_spaces/hill.yaml --seeds 8 \
+        --configs 0 --method-seeds 5 --epochs 16 --budgets 8,10,12,14,16 --workers 2
 """
 
 from __future__ import annotations
@@ -55,9 +62,11 @@ class Run:
     method: str
     config: Mapping[str, Any]
     view: ViewSpec
+    epochs: int
 
     def key(self) -> str:
-        return json.dumps([self.tag, self.method, self.config, self.view.name], sort_keys=True)
+        return json.dumps([self.tag, self.method, self.config, self.view.name, self.epochs],
+                          sort_keys=True)
 
 
 def in_memory_batches(data: PreparedData, cfg: TrainConfig, n: int):  # -> Callable
@@ -82,13 +91,12 @@ def in_memory_batches(data: PreparedData, cfg: TrainConfig, n: int):  # -> Calla
     return batches
 
 
-def train_run(job: tuple[str, Run, int]) -> dict[str, Any]:
-    """Best validation mAP (and its epoch) of one run, in this process with one thread."""
-    data_dir, run, max_epochs = job
+def prepared_run(data_dir: str, run: Run) -> tuple[Any, Any, Any, TrainData]:
+    """The method, model, ``TrainConfig`` and in-memory ``TrainData`` of one run (one thread)."""
     torch.set_num_threads(1)
     data = PreparedData(data_dir)
     setup = TrialSetup(method=run.method, data_dir=data_dir, view=run.view,
-                       max_epochs=max_epochs, groups=data.groups(None))
+                       max_epochs=run.epochs, groups=data.groups(None))
     cfg = train_config(run.config, setup)
     method, model, observed = _method_and_model(run.config, setup, cfg, data)
     val_images, _ = load_split(data.shard_files("val"), cfg.image_size)
@@ -96,6 +104,13 @@ def train_run(job: tuple[str, Run, int]) -> dict[str, Any]:
     train = TrainData(in_memory_batches(data, cfg, len(observed)), observed,
                       math.ceil(len(observed) / cfg.batch_size), val_images, val_targets,
                       groups=setup.groups)
+    return method, model, cfg, train
+
+
+def train_run(job: tuple[str, Run]) -> dict[str, Any]:
+    """Best validation mAP (and its epoch) of one run, in this process with one thread."""
+    data_dir, run = job
+    method, model, cfg, train = prepared_run(data_dir, run)
     epochs: list[dict[str, Any]] = []
     fit(method, model, cfg, train, lambda m, s: epochs.append(m), device=torch.device("cpu"))
     best = max(epochs, key=lambda m: m["val_mAP"])
@@ -109,23 +124,51 @@ def default_train(space: Any) -> dict[str, Any]:
     return {k: v for k, v in space.train.items() if not isinstance(v, Domain)}
 
 
-def plan(args: argparse.Namespace) -> tuple[list[Run], int]:
-    """Every run of (a), (b) and (c), and the epoch budget."""
+def plan(args: argparse.Namespace) -> list[Run]:
+    """Every run of (a), (b) and (c)."""
     space = load_space(args.space)
     bce_space = load_space(args.bce_space)
+    epochs = args.epochs or space.max_epochs
     base = default_train(bce_space)
-    runs = [Run("a", "bce", {"train": {**base, "seed": s}, "method": {}}, CLEAN)
+    runs = [Run("a", "bce", {"train": {**base, "seed": s}, "method": {}}, CLEAN, epochs)
             for s in range(args.seeds)]
     for i, config in enumerate(random_configs(space, args.configs, args.sample_seed)):
         for seed in (0, 1):
             train = {**config["train"], "seed": seed}
             runs.append(Run(f"b{i:02d}", space.method, {"train": train,
-                                                        "method": config["method"]}, space.view()))
+                                                        "method": config["method"]},
+                            space.view(), epochs))
     for method in ("bce", "hill", "splc"):
         for s in range(args.method_seeds):
             runs.append(Run("c", method, {"train": {**default_train(space), "seed": s},
-                                          "method": {}}, space.view()))
-    return runs, space.max_epochs
+                                          "method": {}}, space.view(), epochs))
+    return runs
+
+
+def budgets_of(args: argparse.Namespace) -> list[int]:
+    """``--budgets`` as epoch counts, checked against ``--epochs`` and the schedules."""
+    if not args.budgets:
+        return []
+    try:
+        budgets = sorted({int(b) for b in args.budgets.split(",")})
+    except ValueError:
+        raise SystemExit(f"--budgets {args.budgets}: expected epoch counts such as 8,12,16") from None
+    epochs = args.epochs or load_space(args.space).max_epochs
+    if budgets[0] < 1 or budgets[-1] > epochs:
+        raise SystemExit(f"--budgets {args.budgets}: each must be between 1 and the {epochs} "
+                         f"epochs trained (--epochs)")
+    for path in (args.space, args.bce_space):
+        schedule = default_train(load_space(path)).get("schedule", "cosine")
+        if schedule == "cosine":
+            raise SystemExit(f"--budgets: {path} decays its learning rate over the budget "
+                             f"(schedule: cosine), so a shorter run is not a prefix of a "
+                             f"longer one; pass a space with schedule: constant or rsqrt")
+    return budgets
+
+
+def best_within(row: dict[str, Any], budget: int | None) -> float:
+    """A run's best validation mAP over its first ``budget`` epochs (all when None)."""
+    return max(row["curve"][:budget]) if budget else row["best_val_mAP"]
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -135,9 +178,11 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(stats.spearmanr(x, y).statistic)
 
 
-def summarize(rows: list[dict[str, Any]]) -> None:
-    """Print (a), (b) and (c) from the finished runs."""
-    a = [r["best_val_mAP"] for r in rows if r["tag"] == "a"]
+def summarize(rows: list[dict[str, Any]], budget: int | None = None) -> None:
+    """Print (a), (b) and (c) from the finished runs (over their first ``budget`` epochs)."""
+    if budget:
+        print(f"-- budget {budget} epochs (the best of each run's first {budget})")
+    a = [best_within(r, budget) for r in rows if r["tag"] == "a"]
     if a:
         print(f"(a) BCE default, clean: best val mAP over {len(a)} seeds: mean "
               f"{statistics.mean(a):.2f}, std {statistics.stdev(a) if len(a) > 1 else math.nan:.2f}"
@@ -147,7 +192,7 @@ def summarize(rows: list[dict[str, Any]]) -> None:
         if r["tag"].startswith("b"):
             pairs.setdefault(r["tag"], {})[int(r["config"]["train"]["seed"])] = r["best_val_mAP"]
     full = {t: p for t, p in sorted(pairs.items()) if len(p) == 2}
-    if len(full) > 2:
+    if len(full) > 2 and budget is None:
         s0, s1 = [p[0] for p in full.values()], [p[1] for p in full.values()]
         diffs = [abs(x - y) for x, y in zip(s0, s1)]
         print(f"(b) {len(full)} random configurations, seed 0 vs seed 1: Spearman "
@@ -155,12 +200,21 @@ def summarize(rows: list[dict[str, Any]]) -> None:
               f"mean |seed difference| {statistics.mean(diffs):.2f}")
         for tag, p in full.items():
             print(f"    {tag}: {p[0]:.2f} / {p[1]:.2f}")
-    for method in ("bce", "hill", "splc"):
-        c = [r["best_val_mAP"] for r in rows if r["tag"] == "c" and r["method"] == method]
-        if c:
-            print(f"(c) {method} default, {rows[-1]['view'] if rows else ''}: best val mAP over "
-                  f"{len(c)} seeds: mean {statistics.mean(c):.2f}, std "
-                  f"{statistics.stdev(c) if len(c) > 1 else math.nan:.2f}")
+    per_seed = {m: {int(r["config"]["train"]["seed"]): best_within(r, budget) for r in rows
+                    if r["tag"] == "c" and r["method"] == m} for m in ("bce", "hill", "splc")}
+    for method, by_seed in per_seed.items():
+        c = list(by_seed.values())
+        if not c:
+            continue
+        line = (f"(c) {method} default, {rows[-1]['view'] if rows else ''}: best val mAP over "
+                f"{len(c)} seeds: mean {statistics.mean(c):.2f}, std "
+                f"{statistics.stdev(c) if len(c) > 1 else math.nan:.2f}")
+        paired = [v - per_seed["bce"][s] for s, v in sorted(by_seed.items())
+                  if s in per_seed["bce"]]
+        if method != "bce" and len(paired) > 1:
+            line += (f"; minus BCE per seed {' '.join(f'{d:+.2f}' for d in paired)} (mean "
+                     f"{statistics.mean(paired):+.2f}, std {statistics.stdev(paired):.2f})")
+        print(line)
 
 
 def main() -> None:
@@ -172,15 +226,18 @@ def main() -> None:
     p.add_argument("--configs", type=int, default=12, help="random configurations of (b)")
     p.add_argument("--sample-seed", type=int, default=0, help="seed of (b)'s random sampler")
     p.add_argument("--method-seeds", type=int, default=3, help="train seeds of (c)")
+    p.add_argument("--epochs", type=int, help="epochs per run (default: the space's max_epochs)")
+    p.add_argument("--budgets", help="also report (a) and (c) at these budgets, e.g. 8,12,16")
     p.add_argument("--workers", type=int, default=1, help="processes training at once")
     p.add_argument("--out", default="digits_signal.jsonl", help="finished runs (JSON lines)")
     args = p.parse_args()
+    budgets = budgets_of(args)
     data_dir = str(ensure_prepared("digits-mlt", args.data_dir))
-    runs, max_epochs = plan(args)
+    runs = plan(args)
     out = Path(args.out)
     done = {json.loads(line)["key"]: json.loads(line)
             for line in out.read_text().splitlines()} if out.is_file() else {}
-    todo = [(data_dir, r, max_epochs) for r in runs if r.key() not in done]
+    todo = [(data_dir, r) for r in runs if r.key() not in done]
     print(f"{len(runs)} runs, {len(runs) - len(todo)} already in {out}", flush=True)
     with get_context("spawn").Pool(args.workers) as pool, out.open("a") as f:
         for row in pool.imap_unordered(train_run, todo):
@@ -189,7 +246,10 @@ def main() -> None:
             f.flush()
             print(f"  {row['tag']} {row['method']} seed {row['config']['train']['seed']}: "
                   f"{row['best_val_mAP']:.2f} (epoch {row['best_epoch']})", flush=True)
-    summarize([done[r.key()] for r in runs if r.key() in done])
+    finished = [done[r.key()] for r in runs if r.key() in done]
+    summarize(finished)
+    for budget in budgets:
+        summarize(finished, budget)
 
 
 if __name__ == "__main__":
