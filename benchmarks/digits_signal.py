@@ -17,15 +17,16 @@ deterministic. It prints
 ``--epochs`` trains longer than the space's budget; ``--budgets 8,12,16`` then prints (a) and
 (c) for each budget from the same runs (the best of a run's first e epochs), which is what a
 run of e epochs gives when the schedule does not depend on the budget (``schedule: constant``
-or ``rsqrt``, as the shipped Hill and SPLC spaces); with ``cosine`` it refuses.
+or ``rsqrt``, as ``splc.yaml``); with ``cosine`` (``hill.yaml``) it refuses.
 
 Each finished run is appended to ``--out`` (JSON lines); a second invocation with the same file
 skips the runs it already holds, so an interrupted measurement continues. ``--workers``
 processes train at once, each with one torch thread: the figures do not depend on it.
 
     python benchmarks/digits_signal.py --out digits_signal.jsonl --workers 2
-    python benchmarks/digits_signal.py --bce-space search_spaces/hill.yaml --seeds 8 \
-        --configs 0 --method-seeds 5 --epochs 16 --budgets 8,10,12,14,16 --workers 2
+    python benchmarks/digits_signal.py --space search_spaces/splc.yaml \
+        --bce-space search_spaces/splc.yaml --seeds 8 --configs 0 --method-seeds 5 \
+        --epochs 16 --budgets 8,10,12,14,16 --workers 2
 """
 
 from __future__ import annotations

@@ -25,20 +25,22 @@ from methods import TaskInfo, create_method  # noqa: E402
 
 
 def budget_args(space: str, budgets: str, epochs: int | None = 16,
-                bce_space: str = "search_spaces/hill.yaml") -> argparse.Namespace:
+                bce_space: str = "search_spaces/splc.yaml") -> argparse.Namespace:
     return argparse.Namespace(space=str(ROOT / space), bce_space=str(ROOT / bce_space),
                               budgets=budgets, epochs=epochs)
 
 
 def test_budgets_are_prefixes_only_under_a_budget_independent_schedule() -> None:
-    assert digits_signal.budgets_of(budget_args("search_spaces/hill.yaml", "12,8,12")) == [8, 12]
-    with pytest.raises(SystemExit, match="schedule: cosine"):  # bce.yaml decays over the budget
-        digits_signal.budgets_of(budget_args("search_spaces/hill.yaml", "8",
-                                             bce_space="search_spaces/bce.yaml"))
+    assert digits_signal.budgets_of(budget_args("search_spaces/splc.yaml", "12,8,12")) == [8, 12]
+    for cosine in ("search_spaces/bce.yaml", "search_spaces/hill.yaml"):  # decay over the budget
+        with pytest.raises(SystemExit, match="schedule: cosine"):
+            digits_signal.budgets_of(budget_args("search_spaces/splc.yaml", "8", bce_space=cosine))
+        with pytest.raises(SystemExit, match="schedule: cosine"):
+            digits_signal.budgets_of(budget_args(cosine.replace("bce", "hill"), "8"))
     with pytest.raises(SystemExit, match="between 1 and the 16 epochs"):
-        digits_signal.budgets_of(budget_args("search_spaces/hill.yaml", "8,20"))
+        digits_signal.budgets_of(budget_args("search_spaces/splc.yaml", "8,20"))
     with pytest.raises(SystemExit, match="epoch counts"):
-        digits_signal.budgets_of(budget_args("search_spaces/hill.yaml", "eight"))
+        digits_signal.budgets_of(budget_args("search_spaces/splc.yaml", "eight"))
 
 
 def c_row(method: str, seed: int, curve: list[float]) -> dict:

@@ -3,9 +3,9 @@
 What a user comparing with the platform writes once, outside any tuning library: read and
 decode the same Parquet shards into memory, the platform's model (``small_cnn``), loss
 (Hill) and metrics (``tuner.metrics.evaluate``), AdamW with weight decay on weights only,
-``search_spaces/hill.yaml``'s schedule (a per-step linear warm-up over half an epoch, then the
-peak learning rate) and model EMA over about one epoch (validation keeps the better of the
-raw and the averaged model), the same random-shift augmentation, batch size and shuffling,
+``search_spaces/hill.yaml``'s schedule (a per-step linear warm-up over the first 10% of the
+budget, then cosine to 0 at its end; no model EMA), the same random-shift augmentation, batch
+size and shuffling,
 deterministic torch on one thread per trial, ASHA's first rung at ``GRACE`` epochs. Only the
 orchestration differs between ``plain_optuna.py`` and ``stock_ray_tune.py``.
 """
@@ -28,8 +28,8 @@ from tuner.data.stream import load_split
 from tuner.metrics import evaluate
 
 IMAGE_SIZE, BATCH, EVAL_BATCH = 24, 32, 256
-#: hill.yaml: warm-up and EMA horizon in epochs, ASHA grace period / early-stopping rung
-WARMUP_EPOCHS, EMA_EPOCHS, GRACE = 0.5, 1.0, 4
+#: hill.yaml: warm-up share of the budget, ASHA grace period / early-stopping rung
+WARMUP_FRAC, GRACE = 0.1, 4
 VIEW = ViewSpec("missing", 0.6, 0)  # search_spaces/hill.yaml's labels
 
 
@@ -84,11 +84,8 @@ class Run:
         rest = [p for p in self.model.parameters() if p.ndim <= 1]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": config["weight_decay"]},
                                       {"params": rest, "weight_decay": 0.0}], lr=config["lr"])
-        steps = math.ceil(len(data.train_x) / BATCH)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: _lr(s, steps))
-        self.ema = build_model("small_cnn", data.num_classes)
-        self.ema.load_state_dict(self.model.state_dict())
-        self.ema_decay, self.ema_updates = 1.0 - 1.0 / (EMA_EPOCHS * steps), 0
+        total = max_epochs * math.ceil(len(data.train_x) / BATCH)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: _lr(s, total))
         self.first_step_at = math.nan
         self.best: tuple[float, dict[str, torch.Tensor] | None] = (-math.inf, None)
 
@@ -106,31 +103,17 @@ class Run:
                 self.first_step_at = time.time()
             self.opt.step()
             self.sched.step()
-            self._update_ema()
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        """EMA of the weights with the usual early warm-up of its decay (timm's ModelEma)."""
-        self.ema_updates += 1
-        d = min(self.ema_decay, (1 + self.ema_updates) / (10 + self.ema_updates))
-        averaged = self.ema.state_dict()
-        for name, value in self.model.state_dict().items():
-            if value.dtype.is_floating_point:
-                averaged[name].mul_(d).add_(value, alpha=1 - d)
-            else:
-                averaged[name].copy_(value)
 
     def score(self, split: str, state: dict[str, torch.Tensor] | None = None) -> float:
-        """mAP on ``val`` (the better of the model and its EMA; the best is kept) or on
-        ``test`` of ``state``'s weights."""
+        """mAP on ``val`` of the model (the best epoch's weights are kept) or on ``test`` of
+        ``state``'s weights."""
         if state is not None:
             model = build_model("small_cnn", self.data.num_classes)
             model.load_state_dict(state)
             return self._map(model, split)
-        value, model = max(((self._map(m, split), m) for m in (self.model, self.ema)),
-                           key=lambda pair: pair[0])
+        value = self._map(self.model, split)
         if split == "val" and value > self.best[0]:
-            self.best = (value, {k: v.clone() for k, v in model.state_dict().items()})
+            self.best = (value, {k: v.clone() for k, v in self.model.state_dict().items()})
         return value
 
     def _map(self, model: torch.nn.Module, split: str) -> float:
@@ -142,10 +125,12 @@ class Run:
         return evaluate(scores, y)["mAP"]
 
 
-def _lr(step: int, steps_per_epoch: int) -> float:
-    """Linear warm-up from 4% over WARMUP_EPOCHS, then the peak learning rate."""
-    warm = WARMUP_EPOCHS * steps_per_epoch
-    return 0.04 + 0.96 * step / warm if step < warm else 1.0
+def _lr(step: int, total: int) -> float:
+    """Linear warm-up from 4% over WARMUP_FRAC of the ``total`` steps, then cosine to 0."""
+    warm = WARMUP_FRAC * total
+    if step < warm:
+        return 0.04 + 0.96 * step / warm
+    return 0.5 * (1.0 + math.cos(math.pi * min((step - warm) / (total - warm), 1.0)))
 
 
 def _shift(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
