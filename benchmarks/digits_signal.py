@@ -14,8 +14,8 @@ deterministic. It prints
 * **(c)** BCE, Hill and SPLC at their defaults in the Hill space's regime (missing labels,
   q = 0.6), over ``--method-seeds`` seeds, with each method's difference from BCE per seed.
 
-``--epochs`` trains longer than the space's budget; ``--budgets 8,12,16`` then prints (a) and
-(c) for each budget from the same runs (the best of a run's first e epochs), which is what a
+``--epochs`` trains longer than the space's budget; ``--budgets 8,12,16`` then prints (a),
+(b) and (c) for each budget from the same runs (the best of a run's first e epochs), which is what a
 run of e epochs gives when the schedule does not depend on the budget (``schedule: constant``
 or ``rsqrt``, as ``splc.yaml``); with ``cosine`` (``hill.yaml``) it refuses.
 
@@ -191,15 +191,16 @@ def summarize(rows: list[dict[str, Any]], budget: int | None = None) -> None:
     pairs: dict[str, dict[int, float]] = {}
     for r in rows:
         if r["tag"].startswith("b"):
-            pairs.setdefault(r["tag"], {})[int(r["config"]["train"]["seed"])] = r["best_val_mAP"]
+            pairs.setdefault(r["tag"], {})[int(r["config"]["train"]["seed"])] = \
+                best_within(r, budget)
     full = {t: p for t, p in sorted(pairs.items()) if len(p) == 2}
-    if len(full) > 2 and budget is None:
+    if len(full) > 2:
         s0, s1 = [p[0] for p in full.values()], [p[1] for p in full.values()]
         diffs = [abs(x - y) for x, y in zip(s0, s1)]
         print(f"(b) {len(full)} random configurations, seed 0 vs seed 1: Spearman "
               f"{spearman(s0, s1):.3f}; best val mAP range {min(s0 + s1):.2f}..{max(s0 + s1):.2f}; "
               f"mean |seed difference| {statistics.mean(diffs):.2f}")
-        for tag, p in full.items():
+        for tag, p in full.items() if budget is None else ():
             print(f"    {tag}: {p[0]:.2f} / {p[1]:.2f}")
     per_seed = {m: {int(r["config"]["train"]["seed"]): best_within(r, budget) for r in rows
                     if r["tag"] == "c" and r["method"] == m} for m in ("bce", "hill", "splc")}

@@ -65,6 +65,22 @@ def test_summary_at_a_budget_takes_each_runs_prefix_and_pairs_methods_by_seed(ca
     assert f"mean {statistics.mean([99.0, 58.0]):.2f}" in capsys.readouterr().out
 
 
+def test_seed_spearman_at_a_budget_ranks_each_runs_prefix(capsys) -> None:
+    from scipy.stats import spearmanr
+
+    curves = {0: [[10.0, 20.0, 90.0], [30.0, 40.0, 10.0], [50.0, 55.0, 60.0]],
+              1: [[12.0, 25.0, 10.0], [33.0, 38.0, 95.0], [49.0, 52.0, 20.0]]}
+    rows = [{"tag": f"b{i:02d}", "method": "hill", "config": {"train": {"seed": seed}},
+             "view": "missing", "best_val_mAP": max(curve), "curve": curve}
+            for seed, per in curves.items() for i, curve in enumerate(per)]
+    for budget in (2, None):
+        digits_signal.summarize(rows, budget)
+        s0, s1 = ([max(c[:budget]) for c in curves[s]] for s in (0, 1))
+        out = capsys.readouterr().out
+        assert f"Spearman {spearmanr(s0, s1).statistic:.3f}" in out
+        assert ("    b00:" in out) == (budget is None)  # per-configuration lines: whole runs only
+
+
 def test_splc_tally_counts_corrections_against_the_clean_labels() -> None:
     task = TaskInfo(num_classes=3, num_train=4, class_counts=(2, 1, 1), max_epochs=4)
     splc = create_method("splc", {"tau": 0.6, "change_epoch": 1}, task)
