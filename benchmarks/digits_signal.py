@@ -200,8 +200,9 @@ def summarize(rows: list[dict[str, Any]], budget: int | None = None) -> None:
         print(f"(b) {len(full)} random configurations, seed 0 vs seed 1: Spearman "
               f"{spearman(s0, s1):.3f}; best val mAP range {min(s0 + s1):.2f}..{max(s0 + s1):.2f}; "
               f"mean |seed difference| {statistics.mean(diffs):.2f}")
-        for tag, p in full.items() if budget is None else ():
-            print(f"    {tag}: {p[0]:.2f} / {p[1]:.2f}")
+        if budget is None:  # per configuration: whole runs only
+            for tag, p in full.items():
+                print(f"    {tag}: {p[0]:.2f} / {p[1]:.2f}")
     per_seed = {m: {int(r["config"]["train"]["seed"]): best_within(r, budget) for r in rows
                     if r["tag"] == "c" and r["method"] == m} for m in ("bce", "hill", "splc")}
     for method, by_seed in per_seed.items():
