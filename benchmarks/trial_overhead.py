@@ -12,18 +12,38 @@ workers per trial, and prints per trial:
   ``wall`` is Tune's ``time_total_s`` (set-up, reporting and checkpointing included);
 
 and the ratio of the N-worker start-up to the 1-worker start-up (the baseline of this run).
+``--processes`` also prints, per search, the CPU seconds of every kind of process of the
+cluster (Ray's ``ray::...`` titles, sampled from ``/proc`` every 0.1 s as ``peers.py`` does)
+and how many processes of each kind ran, per trial: what a trial's Train controller, its
+helper actors and its workers cost on the machine's cores. Linux only.
 
-    python benchmarks/trial_overhead.py --epochs 4 --trials 2 --workers 2
+    python benchmarks/trial_overhead.py --epochs 4 --trials 2 --workers 2 [--processes]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import tempfile
+import uuid
 from pathlib import Path
 
 import pandas as pd
 from _search import run_space
+
+
+def process_table(tree, trials: int) -> pd.DataFrame:
+    """CPU seconds and process count per kind of process, in all and per trial."""
+    rows: dict[str, dict[str, float]] = {}
+    for pid, cpu in tree.last.items():
+        kind = rows.setdefault(tree.names.get(pid, "?"), {"processes": 0, "cpu_s": 0.0})
+        kind["processes"] += 1
+        kind["cpu_s"] += cpu
+    table = pd.DataFrame.from_dict(rows, orient="index").sort_values("cpu_s", ascending=False)
+    table["processes_per_trial"] = table["processes"] / trials
+    table["cpu_s_per_trial"] = table["cpu_s"] / trials
+    return table
 
 
 def run(method: str, workers: int, args: argparse.Namespace, tmp: Path) -> pd.DataFrame:
@@ -33,7 +53,21 @@ def run(method: str, workers: int, args: argparse.Namespace, tmp: Path) -> pd.Da
         space["search"].update(num_trials=args.trials, max_concurrent=1, seed=0)
         space["resources"].update(workers_per_trial=workers, cpus_per_worker=1)
 
-    trials = run_space(method, f"overhead-{workers}w", edit, tmp, args.data_dir)
+    tree = contextlib.nullcontext()
+    if args.processes:  # every process the cluster starts inherits the token
+        from peers import TOKEN_VAR, TreeCpu
+
+        os.environ[TOKEN_VAR] = token = uuid.uuid4().hex
+        tree = TreeCpu(token)
+    with tree:
+        trials = run_space(method, f"overhead-{workers}w", edit, tmp, args.data_dir)
+    if args.processes:
+        tree.sample()
+        table = process_table(tree, args.trials)
+        print(f"\nprocesses of the {workers}-worker search ({args.trials} trials; CPU s):\n"
+              + table.to_string(float_format=lambda v: f"{v:.2f}")
+              + f"\nall: {table['cpu_s'].sum():.1f} CPU s, "
+              f"{table['cpu_s_per_trial'].sum():.1f} per trial\n")
     rows = []
     for trial_id, df in trials.groupby("trial_id"):
         df = df.sort_values("epoch")
@@ -54,6 +88,8 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=2)
     p.add_argument("--workers", type=int, default=2, help="workers of the multi-worker run")
     p.add_argument("--data-dir", help="prepared DigitsMLT (default: the cache)")
+    p.add_argument("--processes", action="store_true",
+                   help="also the CPU seconds and count of each kind of process, per trial")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         table = pd.concat([run(args.method, 1, args, Path(tmp)),

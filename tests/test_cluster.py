@@ -194,3 +194,19 @@ def test_stop_local_stops_every_process_of_the_cluster(monkeypatch: pytest.Monke
     assert monitor_when_shutdown == [-9]
     running = [kind for kind, procs in processes.items() for p in procs if p.poll() is None]
     assert running == []
+
+
+def test_a_local_cluster_starts_no_preemption_watcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local cluster's processes get Ray Train's switch for its preemption watcher off (an
+    actor per multi-worker trial; no cloud preempts this machine), unless the user set it;
+    the switch is the one Ray's Train controller reads."""
+    from ray.train.v2._internal import constants
+
+    from tuner.search import PREEMPTION_WATCHER, local_worker_env
+
+    assert constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR == PREEMPTION_WATCHER
+    assert constants.DEFAULT_ENABLE_PREEMPTION_WATCHER is True  # what the switch turns off
+    monkeypatch.delenv(PREEMPTION_WATCHER, raising=False)
+    assert local_worker_env(8265)[PREEMPTION_WATCHER] == "0"
+    monkeypatch.setenv(PREEMPTION_WATCHER, "1")
+    assert local_worker_env(8265)[PREEMPTION_WATCHER] == "1"
