@@ -26,7 +26,12 @@ from scipy import stats
 
 import tuner.prepare
 from tuner.data.cooccurrence import conditional_matrix
-from tuner.data.corruption import ViewSpec, drop_positives, make_view
+from tuner.data.corruption import (
+    ViewSpec,
+    drop_positives,
+    make_view,
+    unobserved_positive_share,
+)
 from tuner.data.digits import DigitsConfig, plateau_profile, scene_affinity
 from tuner.data.manifest import SPLITS
 from tuner.data.prepared import PreparedData, prepare_digits
@@ -806,3 +811,17 @@ def test_views_shorter_than_the_epoch_give_what_they_have() -> None:
     sizes = [len(bt["v_index"]) for bt in iter_train_batches(
         _blocks(n, 10), 8, shuffle_buffer=0, views={"v": short})]
     assert sum(sizes) == 3 and sizes[-1] == 0
+
+
+def test_unobserved_positive_share_counts_missing_positives_among_unobserved() -> None:
+    """Worked by hand: class 0 in 3 of 4 images, one of them unobserved, next to the one image
+    without it (1 of 2 unobserved entries is a missing positive); class 1 in 1 image, observed
+    (0 of 3); class 2 in 2 images, both unobserved (2 of 4)."""
+    labels = np.array([[1, 1, 1], [1, 0, 1], [1, 0, 0], [0, 0, 0]])
+    observed = np.array([[1, 1, 0], [1, 0, 0], [0, 0, 0], [0, 0, 0]])
+    share = unobserved_positive_share(labels, observed)
+    assert share["all"] == pytest.approx(3 / 9)  # 1 + 0 + 2 missing of 2 + 3 + 4 unobserved
+    assert share["median_class"] == pytest.approx(1 / 2)  # of 1/2, 0/3, 2/4
+    assert share["head_class"] == pytest.approx(1 / 2) and share["head_prevalence"] == 0.75
+    with pytest.raises(ValueError, match="subset"):
+        unobserved_positive_share(labels, 1 - labels)

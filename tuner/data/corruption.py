@@ -117,6 +117,29 @@ def add_candidates(labels: np.ndarray, rho: float, rng: np.random.Generator) -> 
     return (labels | flips).astype(np.uint8)
 
 
+def unobserved_positive_share(labels: np.ndarray, observed: np.ndarray) -> dict[str, float]:
+    """How often an unobserved label is a missing positive, in a missing-label view.
+
+    Methods that treat unobserved labels as negatives, or correct confident ones to positive
+    (SPLC), face this base rate: the share of the ``observed == 0`` entries whose true label
+    is 1, over all entries (``all``), for the median class (``median_class``) and for the most
+    frequent class (``head_class``, its prevalence ``head_prevalence``).
+    """
+    y = np.asarray(labels).astype(bool)
+    seen = np.asarray(observed).astype(bool)
+    if y.shape != seen.shape or (seen & ~y).any():
+        raise ValueError("observed must be a subset of labels, of the same (N, C) shape")
+    unobserved = ~seen
+    missing = y & unobserved
+    per_class = missing.sum(0) / np.maximum(unobserved.sum(0), 1)
+    prevalence = y.mean(0)
+    head = int(np.argmax(prevalence))
+    return {"all": float(missing.sum() / max(unobserved.sum(), 1)),
+            "median_class": float(np.median(per_class)),
+            "head_class": float(per_class[head]),
+            "head_prevalence": float(prevalence[head])}
+
+
 def make_view(labels: np.ndarray, spec: ViewSpec) -> tuple[np.ndarray, dict[str, float]]:
     """The observed training labels of ``spec`` and facts about them for the manifest."""
     rng = spec.rng()
