@@ -9,8 +9,7 @@ that never co-occur, and quantiles of the lift ``P(j | i) / P(j)``.
 A second table puts the missing-label regime next to the papers': how often an unobserved
 label is a missing positive (:func:`tuner.data.corruption.unobserved_positive_share`) when
 the platform removes ``--missing-rate`` of each matrix's positives (a missing view drawn with
-seed 0),
-and in Hill/SPLC's released COCO-2014 "40% left" list against the full one
+seed 0), and in Hill/SPLC's released COCO-2014 "40% left" list against the full one
 (``coco2014_missing/``, when the folder has it).
 
     python benchmarks/cooccurrence.py PATH/TO/benchmarks [--missing-rate 0.6]

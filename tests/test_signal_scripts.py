@@ -1,5 +1,7 @@
-"""The issue-18 measurement scripts: ``benchmarks/digits_signal.py``'s per-budget report and
-``benchmarks/splc_correction.py``'s tally of SPLC's corrections.
+"""The issue-18 measurement scripts: ``benchmarks/digits_signal.py``'s per-budget report,
+``benchmarks/splc_correction.py``'s tally of SPLC's corrections and
+``benchmarks/cooccurrence.py``'s missing-label table; and issue 19's per-process CPU table of
+``benchmarks/trial_overhead.py --processes``.
 
 Expected values come from the rows and tensors each test builds, never from the code under test.
 """
@@ -8,18 +10,25 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
+import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import cooccurrence  # noqa: E402
 import digits_signal  # noqa: E402
+import peers  # noqa: E402
 import splc_correction  # noqa: E402
+import trial_overhead  # noqa: E402
 
 from methods import TaskInfo, create_method  # noqa: E402
 
@@ -102,3 +111,45 @@ def test_splc_tally_counts_corrections_against_the_clean_labels() -> None:
     assert (before["corrected"], before["recall"]) == (0, 0.0) and math.isnan(before["precision"])
     # epoch 1: 3 + 2 corrected, 1 + 1 of them right; missing positives (0,1), (1,2) + (0,1)
     assert tally.epoch(1) == {"corrected": 5, "precision": 2 / 5, "recall": 2 / 3}
+
+
+def test_process_table_counts_and_times_each_kind_of_process() -> None:
+    """Two busy ``python -c`` processes carrying the token and one without it: the table
+    has the two (sampled from /proc, as in a search) and none of the third."""
+    token = uuid.uuid4().hex
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
+    env = {**os.environ, peers.TOKEN_VAR: token}
+    with peers.TreeCpu(token, interval=0.05) as tree:
+        marked = [subprocess.Popen([sys.executable, "-c", busy], env=env) for _ in range(2)]
+        other = subprocess.Popen([sys.executable, "-c", busy])
+        for p in [*marked, other]:
+            p.wait()
+    table = trial_overhead.process_table(tree, trials=2)
+    assert table.loc["python -c", "processes"] == 2
+    assert table.loc["python -c", "processes_per_trial"] == 1
+    # each ran 0.6 CPU s; a sample taken up to 0.05 s before its end may miss the last part
+    assert 0.8 <= table.loc["python -c", "cpu_s"] <= 1.4
+    assert table.loc["python -c", "cpu_s_per_trial"] == table.loc["python -c", "cpu_s"] / 2
+    assert other.pid not in {int(pid) for pid in tree.last}
+
+
+def test_missing_rows_compare_the_released_coco_list_with_its_full_labels(tmp_path: Path) -> None:
+    """The released-list row pairs each image of the 40%-left list with its full labels by
+    path, whatever the order of the two files."""
+    folder = tmp_path / "coco2014_missing"
+    folder.mkdir()
+    (folder / "coco_train_full.txt").write_text("a.jpg, 0 1\nb.jpg, 1 2 3\nc.jpg, 0\n")
+    (folder / "coco_train_0.4left.txt").write_text("c.jpg,0\na.jpg,1\nb.jpg, 2\n")
+    labels = np.zeros((4, 80), dtype=np.uint8)
+    labels[:, :2] = 1  # two labels per image: q = 0.5 is reachable with one kept
+    rows = cooccurrence.missing_rows({"toy": labels}, 0.5, tmp_path)
+    released = rows["COCO-2014 40% left (released)"]
+    assert released["kept"] == pytest.approx(3 / 6)  # 3 of the 6 true positives listed
+    # missing: a's 0, b's 1 and 3 -> 3 of 3 x 80 - 3 unobserved entries
+    assert released["all"] == pytest.approx(3 / 237)
+    # classes 0 and 1 lead with 2 images each; the first, class 0, is unobserved in a (true)
+    # and in b (false)
+    assert released["head_class"] == pytest.approx(1 / 2)
+    assert released["head_prevalence"] == pytest.approx(2 / 3)
+    assert set(rows) == {"toy, q=0.5", "COCO-2014 40% left (released)"}
+    assert cooccurrence.missing_rows({"toy": labels}, 0.5, None).keys() == {"toy, q=0.5"}
