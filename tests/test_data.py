@@ -825,3 +825,30 @@ def test_unobserved_positive_share_counts_missing_positives_among_unobserved() -
     assert share["head_class"] == pytest.approx(1 / 2) and share["head_prevalence"] == 0.75
     with pytest.raises(ValueError, match="subset"):
         unobserved_positive_share(labels, 1 - labels)
+
+
+def test_prepare_builds_a_sparser_digits_variant_with_head_share(
+    digits_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--head-share``: the same class counts over more training images (fewer labels each),
+    recorded in the manifest; a bad value or another benchmark is one line naming the flag."""
+    out = tmp_path / "sparse"
+    assert tuner.prepare.main(["--benchmark", "digits-mlt", "--out", str(out),
+                               "--head-share", "0.35", "--no-progress"]) == 0
+    sparse, default = PreparedData(out).manifest, PreparedData(digits_dir).manifest
+    assert sparse["build"]["head_share"] == 0.35 and default["build"]["head_share"] == 0.7
+    assert sparse["class_counts"]["train"] == default["class_counts"]["train"]
+    n_sparse = sparse["splits"]["train"]["num_images"]
+    n_default = default["splits"]["train"]["num_images"]
+    head = max(sparse["class_counts"]["train"])
+    assert n_sparse == pytest.approx(head / 0.35, abs=1) and n_default == pytest.approx(head / 0.7, abs=1)
+    per_image = sparse["splits"]["train"]["labels_per_image"]
+    assert per_image == pytest.approx(sum(sparse["class_counts"]["train"]) / n_sparse)
+    assert per_image < default["splits"]["train"]["labels_per_image"] / 1.9
+    capsys.readouterr()
+    for argv, words in ((["--head-share", "0"], "head_share must be in (0, 1], got 0.0"),
+                        (["--benchmark", "coco-mlt", "--head-share", "0.5"], "digits-mlt only")):
+        full = ["--benchmark", "digits-mlt", "--out", str(tmp_path / "bad"), *argv]
+        assert tuner.prepare.main(full) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="also cache a label view, e.g. missing:0.6 or candidate:0.2 (repeatable)",
     )
+    p.add_argument("--head-share", type=float, default=None, metavar="F",
+                   help="digits-mlt: share of training images holding the most frequent class "
+                        "(default 0.7; lower = more images with fewer labels each)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a benchmark the platform prepared in --out (only the files it "
                         "wrote are deleted; a folder with other files is refused)")
@@ -107,9 +110,11 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.benchmark in EMBEDDED:
         manifest = prepare_digits(
             args.out, seed=args.seed, rows_per_shard=args.rows_per_shard or 64,
-            overwrite=args.overwrite, progress=not args.no_progress,
+            overwrite=args.overwrite, progress=not args.no_progress, head_share=args.head_share,
         )
     else:
+        if args.head_share is not None:
+            raise ConfigError(f"--head-share is for digits-mlt only, not {args.benchmark}")
         manifest = _prepare_real(args)
     seconds = time.perf_counter() - start
     data = PreparedData(args.out)
