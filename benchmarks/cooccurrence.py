@@ -56,17 +56,13 @@ def released_missing_view(folder: Path | None) -> tuple[np.ndarray, np.ndarray] 
 
 def missing_rows(matrices: dict[str, np.ndarray], q: float,
                  folder: Path | None) -> dict[str, dict[str, float]]:
-    rows = {}
-    for name, y in matrices.items():
-        observed, _ = drop_positives(y, q, np.random.default_rng(0))
-        rows[f"{name}, q={q}"] = {"kept": observed.sum() / y.sum(),
-                                  **unobserved_positive_share(y, observed)}
+    views = {f"{name}, q={q}": (y, drop_positives(y, q, np.random.default_rng(0))[0])
+             for name, y in matrices.items()}
     released = released_missing_view(folder)
     if released is not None:
-        y, observed = released
-        rows["COCO-2014 40% left (released)"] = {"kept": observed.sum() / y.sum(),
-                                                 **unobserved_positive_share(y, observed)}
-    return rows
+        views["COCO-2014 40% left (released)"] = released
+    return {name: {"kept": observed.sum() / y.sum(), **unobserved_positive_share(y, observed)}
+            for name, (y, observed) in views.items()}
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ import contextlib
 import os
 import tempfile
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -34,13 +35,11 @@ from _search import run_space
 
 
 def process_table(tree, trials: int) -> pd.DataFrame:
-    """CPU seconds and process count per kind of process, in all and per trial."""
-    rows: dict[str, dict[str, float]] = {}
-    for pid, cpu in tree.last.items():
-        kind = rows.setdefault(tree.names.get(pid, "?"), {"processes": 0, "cpu_s": 0.0})
-        kind["processes"] += 1
-        kind["cpu_s"] += cpu
-    table = pd.DataFrame.from_dict(rows, orient="index").sort_values("cpu_s", ascending=False)
+    """CPU seconds (``peers.TreeCpu.by_name``) and process count per kind of process, in all
+    and per trial."""
+    count = Counter(tree.names.get(pid, "?") for pid in tree.last)
+    table = pd.DataFrame({"processes": pd.Series(count), "cpu_s": pd.Series(tree.by_name())})
+    table = table.sort_values("cpu_s", ascending=False)
     table["processes_per_trial"] = table["processes"] / trials
     table["cpu_s_per_trial"] = table["cpu_s"] / trials
     return table

@@ -117,7 +117,9 @@ def test_process_table_counts_and_times_each_kind_of_process() -> None:
     """Two busy ``python -c`` processes carrying the token and one without it: the table
     has the two (sampled from /proc, as in a search) and none of the third."""
     token = uuid.uuid4().hex
-    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
+    # busy for 0.6 CPU s, then idle long enough for the sampler to read the final CPU time
+    busy = ("import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
+            "time.sleep(0.5)")
     env = {**os.environ, peers.TOKEN_VAR: token}
     with peers.TreeCpu(token, interval=0.05) as tree:
         marked = [subprocess.Popen([sys.executable, "-c", busy], env=env) for _ in range(2)]
@@ -127,7 +129,7 @@ def test_process_table_counts_and_times_each_kind_of_process() -> None:
     table = trial_overhead.process_table(tree, trials=2)
     assert table.loc["python -c", "processes"] == 2
     assert table.loc["python -c", "processes_per_trial"] == 1
-    # each ran 0.6 CPU s; a sample taken up to 0.05 s before its end may miss the last part
+    # each ran 0.6 CPU s of loop plus its interpreter's start
     assert 0.8 <= table.loc["python -c", "cpu_s"] <= 1.4
     assert table.loc["python -c", "cpu_s_per_trial"] == table.loc["python -c", "cpu_s"] / 2
     assert other.pid not in {int(pid) for pid in tree.last}
