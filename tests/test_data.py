@@ -213,6 +213,32 @@ def test_stale_generator_version_is_rebuilt(digits_dir: Path, tmp_path: Path) ->
     PreparedData(copy).verify()
 
 
+def test_a_stale_variant_is_rebuilt_as_the_same_variant(
+    digits_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ``--head-share`` build that goes stale (here: the former manifest schema) is rebuilt
+    with the head share its manifest records, not silently as the default build."""
+    from tuner.data.digits import DEFAULT_HEAD_SHARE, VERSION, DigitsConfig
+    from tuner.data.manifest import SCHEMA_VERSION
+    from tuner.data.prepared import ensure_prepared
+
+    assert DEFAULT_HEAD_SHARE[VERSION] == DigitsConfig().head_share  # bump both together
+    copy = copy_prepared(digits_dir, tmp_path)
+    manifest = read_json(copy / "manifest.json")
+    manifest["build"]["head_share"] = 0.5  # as `tuner.prepare --head-share 0.5` records it
+    manifest["schema_version"] = SCHEMA_VERSION - 1
+    del manifest["manifest_sha256"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    ensure_prepared("digits-mlt", copy)
+    rebuilt = PreparedData(copy).manifest
+    assert rebuilt["schema_version"] == SCHEMA_VERSION and rebuilt["build"]["head_share"] == 0.5
+    head = max(rebuilt["class_counts"]["train"])
+    assert rebuilt["splits"]["train"]["num_images"] == round(head / 0.5)
+    assert "head share 0.5 as its manifest records" in capsys.readouterr().err
+    PreparedData(copy).verify()
+
+
 def test_digits_of_the_former_schema_is_rebuilt_another_benchmark_is_left_alone(
     digits_dir: Path, tmp_path: Path
 ) -> None:

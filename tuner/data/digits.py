@@ -46,6 +46,9 @@ from dataclasses import dataclass
 import numpy as np
 
 VERSION = 3
+#: each generator version's default ``head_share``: a build that records another one is a
+#: variant (``tuner.prepare --head-share``), and a rebuild after a version bump keeps it
+DEFAULT_HEAD_SHARE = {3: 0.7}
 GRID = 3
 CELL = 8
 #: side of an image in pixels

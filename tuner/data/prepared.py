@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from tuner.data.corruption import ViewSpec, make_view
+from tuner.data.digits import DEFAULT_HEAD_SHARE
 from tuner.data.digits import IMAGE_SIZE as DIGITS_SIZE
 from tuner.data.digits import VERSION as DIGITS_VERSION
 from tuner.data.digits import DigitsConfig, build_digits_mlt
@@ -85,7 +86,8 @@ def ensure_prepared(benchmark: str, data_dir: str | Path | None, seed: int = 0) 
     user names is used as it is when it holds a prepared benchmark; a missing or empty one is
     filled with DigitsMLT (said in one line), a stale DigitsMLT rebuilt; any other folder is
     refused with the ``tuner.prepare`` command that would fill it. Only files the platform
-    wrote are ever deleted (:mod:`tuner.data.owned`).
+    wrote are ever deleted (:mod:`tuner.data.owned`). A stale build of a variant
+    (``tuner.prepare --head-share``) is rebuilt as the same variant, never as the default.
     """
     path = Path(data_dir) if data_dir else default_data_dir(benchmark, seed)
     if (path / "manifest.json").is_file() and not _stale_embedded(benchmark, path):
@@ -101,10 +103,13 @@ def ensure_prepared(benchmark: str, data_dir: str | Path | None, seed: int = 0) 
         if not (path / "manifest.json").is_file() or _stale_embedded(benchmark, path):
             if path.is_dir() and any(path.iterdir()):
                 check_removable(path, owned=data_dir is None, fix=fix)
-            if data_dir:
-                print(f"data: building DigitsMLT (seed {seed}) into {path} (it held no "
+            head_share = _variant_head_share(path)
+            variant = f", head share {head_share} as its manifest records" if head_share else ""
+            if data_dir or head_share:
+                print(f"data: building DigitsMLT (seed {seed}{variant}) into {path} (it held no "
                       f"current prepared benchmark)", file=sys.stderr)
-            prepare_digits(path, seed=seed, overwrite=True, owned=data_dir is None)
+            prepare_digits(path, seed=seed, overwrite=True, owned=data_dir is None,
+                           head_share=head_share)
     return path
 
 
@@ -144,6 +149,23 @@ def _stale_embedded(benchmark: str, path: Path) -> bool:
     except DataError:
         return True
     return manifest.get("build", {}).get("version", 1) != DIGITS_VERSION
+
+
+def _variant_head_share(path: Path) -> float | None:
+    """The ``head_share`` of the DigitsMLT variant at ``path``, or None for a default build.
+
+    A build records its head share; it is a variant when that differs from the default of the
+    generator version that wrote it (``DEFAULT_HEAD_SHARE``; versions before 3 had none).
+    """
+    try:
+        build = json.loads((path / MANIFEST).read_text()).get("build", {})
+        share, version = build.get("head_share"), build.get("version")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0.0 < share <= 1.0:
+        return None
+    default = DEFAULT_HEAD_SHARE.get(version) if isinstance(version, int) else None
+    return None if default is None or share == default else float(share)
 
 
 def _mkdir(path: Path) -> Path:
