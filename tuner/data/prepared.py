@@ -14,10 +14,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from tuner.data.corruption import ViewSpec, make_view
-from tuner.data.digits import DEFAULT_HEAD_SHARE
+from tuner.data.digits import DEFAULT_HEAD_SHARE, DigitsConfig, build_digits_mlt
 from tuner.data.digits import IMAGE_SIZE as DIGITS_SIZE
 from tuner.data.digits import VERSION as DIGITS_VERSION
-from tuner.data.digits import DigitsConfig, build_digits_mlt
 from tuner.data.manifest import (
     MANIFEST,
     SPLITS,
