@@ -135,7 +135,8 @@ def load_runs(path: Path) -> dict[tuple[str, int], list[float]]:
 def run_method(method: str, args: argparse.Namespace, options: Sequence[str]) -> dict[str, Any]:
     space = load_space(ROOT / "search_spaces" / f"{method}.yaml")
     data_dir = str(ensure_prepared(space.data["benchmark"], space.data.get("data_dir"),
-                                   int(space.data.get("seed", 0))))
+                                   int(space.data.get("seed", 0)),
+                                   head_share=space.data.get("head_share")))
     configs = random_configs(space, args.n, args.seed)
     out = Path(args.out) / f"{method}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)

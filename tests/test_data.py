@@ -239,6 +239,34 @@ def test_a_stale_variant_is_rebuilt_as_the_same_variant(
     PreparedData(copy).verify()
 
 
+def test_a_space_head_share_builds_its_variant_in_a_cache_folder_of_its_own(
+    digits_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``data.head_share`` (splc.yaml): the cache builds that variant beside the default build;
+    a named folder holding another build runs as named, said in one line."""
+    from tuner.data.prepared import default_data_dir, ensure_prepared
+
+    monkeypatch.setenv("MLT_TUNER_DATA", str(tmp_path / "cache"))
+    default = default_data_dir("digits-mlt")
+    shutil.copytree(digits_dir, default)
+    before = {p: p.read_bytes() for p in default.rglob("*") if p.is_file()}
+    path = ensure_prepared("digits-mlt", None, head_share=0.5)
+    assert path == tmp_path / "cache" / "digits-mlt-s0-h0.5" != default
+    built = PreparedData(path).manifest
+    assert built["build"]["head_share"] == 0.5
+    assert built["splits"]["train"]["num_images"] == round(max(built["class_counts"]["train"]) / 0.5)
+    assert ensure_prepared("digits-mlt", None, head_share=0.5) == path  # cached: not rebuilt
+    assert ensure_prepared("digits-mlt", None) == default
+    assert {p: p.read_bytes() for p in default.rglob("*") if p.is_file()} == before
+    capsys.readouterr()
+    assert ensure_prepared("digits-mlt", digits_dir, head_share=0.5) == digits_dir
+    err = capsys.readouterr().err
+    assert "holds DigitsMLT with head share 0.7" in err and err.count("\n") == 1
+    with pytest.raises(ConfigError, match="for digits-mlt only"):
+        ensure_prepared("voc-mlt", tmp_path / "voc", head_share=0.5)
+
+
 def test_digits_of_the_former_schema_is_rebuilt_another_benchmark_is_left_alone(
     digits_dir: Path, tmp_path: Path
 ) -> None:

@@ -157,13 +157,33 @@ def test_search_cli_overrides_benchmark_and_label_regime() -> None:
         ["--method", "bce", "--space", "s.yaml", "--label-regime", "candidate:0.3",
          "--benchmark", "voc-mlt"])
     data = search.overrides_from_args(args)["data"]
-    assert data == {"label_regime": "candidate", "rate": 0.3, "benchmark": "voc-mlt"}
+    assert data == {"label_regime": "candidate", "rate": 0.3, "benchmark": "voc-mlt",
+                    "head_share": None}  # splc.yaml's DigitsMLT variant means nothing there
     space = load_space(ROOT / "search_spaces/bce.yaml", search.overrides_from_args(args),
                        method="bce")
     assert (space.data["label_regime"], space.data["rate"]) == ("candidate", 0.3)
     clean = search.overrides_from_args(search.build_parser().parse_args(
         ["--method", "bce", "--space", "s.yaml", "--label-regime", "clean"]))
     assert clean["data"] == {"label_regime": "clean", "rate": 0.0}
+
+
+def test_head_share_is_a_digits_variant_and_the_cli_benchmark_drops_it() -> None:
+    raw = yaml.safe_load((ROOT / "search_spaces/splc.yaml").read_text())
+    assert raw["data"]["head_share"] == 0.35  # SPLC's regime, RESULTS.md section 7
+    for share in (0, 1.5, "x", True):
+        bad = {**raw, "data": {**raw["data"], "head_share": share}}
+        words = f"data.head_share: must be null (the default build) or a number in (0, 1], got {share!r}"
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            parse_space(bad)
+    voc = {**raw, "data": {**raw["data"], "benchmark": "voc-mlt"}}
+    with pytest.raises(ConfigError, match="for digits-mlt only, not 'voc-mlt'; set it to null"):
+        parse_space(voc)
+    args = search.build_parser().parse_args(["--method", "splc", "--space", "s.yaml",
+                                             "--benchmark", "voc-mlt"])
+    space = load_space(ROOT / "search_spaces/splc.yaml", search.overrides_from_args(args),
+                       method="splc")
+    assert space.data["benchmark"] == "voc-mlt" and space.data["head_share"] is None
+    assert load_space(ROOT / "search_spaces/hill.yaml").data["head_share"] is None
 
 
 def test_search_cli_bad_label_regime_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -128,7 +128,8 @@ def method_space(name: str, settings: Settings, spaces_dir: Path) -> dict[str, A
     raw = yaml.load(path.read_text(), Loader=yaml.SafeLoader) or {}
     view = parse_view(settings.label_regime, settings.view_seed)
     raw["data"] = {**(raw.get("data") or {}), "benchmark": settings.benchmark,
-                   "data_dir": settings.data_dir, "label_regime": view.kind, "rate": view.rate,
+                   "data_dir": settings.data_dir, "head_share": None,  # the same build for all
+                   "label_regime": view.kind, "rate": view.rate,
                    "seed": view.seed,
                    "groups": "benchmark"}  # one set of reported groups for every method
     raw["asha"] = {"max_epochs": settings.epochs, "grace_period": settings.grace_period,

@@ -52,10 +52,10 @@ def fingerprint(space: Any) -> dict[str, Any]:
 
 
 def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``key stored -> current`` for every setting that is not the same."""
+    """``key stored -> current`` for every setting that is not the same, the method first."""
     missing = object()
     out = []
-    for key in sorted(set(stored) | set(current)):
+    for key in sorted(set(stored) | set(current), key=lambda k: (k != "method", k)):
         old, new = stored.get(key, missing), current.get(key, missing)
         if old != new:
             show = [("(unset)" if v is missing else json.dumps(v)) for v in (old, new)]

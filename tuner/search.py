@@ -124,6 +124,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     for (section, key), value in table.items():
         if value is not None:
             out.setdefault(section, {})[key] = value
+    if args.benchmark is not None and table["data", "benchmark"] != "digits-mlt":
+        out["data"]["head_share"] = None  # a DigitsMLT variant means nothing for another one
     if args.epochs is not None and args.grace_period is None:
         out["asha"]["grace_period"] = max(1, min(args.epochs // 3, args.epochs))
     return out
@@ -447,7 +449,8 @@ def prepare_data(space: Any, exp_dir: Path | None = None) -> tuple[Path, Any]:
     from tuner.trainable import TrialSetup
 
     view = space.view()
-    data_dir = ensure_prepared(space.data["benchmark"], space.data["data_dir"], seed=0)
+    data_dir = ensure_prepared(space.data["benchmark"], space.data["data_dir"], seed=0,
+                               head_share=space.data["head_share"])
     data = PreparedData(data_dir)
     if data.manifest["benchmark"] != space.data["benchmark"]:
         raise ConfigError(f"{data_dir} holds {data.manifest['benchmark']!r}, not "

@@ -3,7 +3,7 @@
 A space file has these sections (see ``search_spaces/*.yaml``)::
 
     method: hill
-    data:      {benchmark, data_dir, label_regime, rate, seed}
+    data:      {benchmark, data_dir, head_share, label_regime, rate, seed}
     train:     training hyperparameters (TrainConfig fields)     constants or domains
     params:    the method's hyperparameters (its Params fields)  constants or domains
     asha:      {max_epochs, grace_period, reduction_factor}
@@ -44,8 +44,9 @@ from tuner.loop import TrainConfig
 DOMAINS = ("uniform", "loguniform", "randint", "choice")
 SECTIONS = {
     "method": None,
-    "data": {"benchmark": "digits-mlt", "data_dir": None, "label_regime": "clean", "rate": 0.0,
-             "seed": 0, "class_stats": "observed", "groups": "benchmark"},
+    "data": {"benchmark": "digits-mlt", "data_dir": None, "head_share": None,
+             "label_regime": "clean", "rate": 0.0, "seed": 0, "class_stats": "observed",
+             "groups": "benchmark"},
     "train": None,
     "params": None,
     "asha": {"max_epochs": 6, "grace_period": 2, "reduction_factor": 2},
@@ -316,6 +317,15 @@ def _check_benchmark(data: dict[str, Any], problems: list[str]) -> None:
     if data["benchmark"] not in known_benchmarks():
         problems.append(f"data.benchmark: unknown benchmark {data['benchmark']!r}; choose one of "
                         f"{list(known_benchmarks())} (docs/benchmarks.md)")
+    share = data["head_share"]
+    if share is None:
+        return
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        problems.append(f"data.head_share: must be null (the default build) or a number in "
+                        f"(0, 1], got {share!r}")
+    elif data["benchmark"] != "digits-mlt":
+        problems.append(f"data.head_share: builds a DigitsMLT variant, so it is for digits-mlt "
+                        f"only, not {data['benchmark']!r}; set it to null")
 
 
 def load_space(path: str | Path, overrides: Mapping[str, Mapping[str, Any]] | None = None,

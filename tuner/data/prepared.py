@@ -34,10 +34,12 @@ from tuner.errors import ConfigError, DataError
 EMBEDDED = ("digits-mlt",)
 
 
-def default_data_dir(benchmark: str, seed: int = 0) -> Path:
-    """Where a benchmark is cached: ``$MLT_TUNER_DATA`` or ``~/.cache/mlt-tuner``."""
+def default_data_dir(benchmark: str, seed: int = 0, head_share: float | None = None) -> Path:
+    """Where a benchmark is cached: ``$MLT_TUNER_DATA`` or ``~/.cache/mlt-tuner``; a DigitsMLT
+    variant (``head_share``) in a folder of its own."""
     root = os.environ.get("MLT_TUNER_DATA") or Path.home() / ".cache" / "mlt-tuner"
-    return Path(root) / f"{benchmark}-s{seed}"
+    variant = f"-h{head_share:g}" if head_share is not None else ""
+    return Path(root) / f"{benchmark}-s{seed}{variant}"
 
 
 def prepare_digits(out: str | Path, seed: int = 0, rows_per_shard: int = 64,
@@ -77,7 +79,8 @@ def prepare_digits(out: str | Path, seed: int = 0, rows_per_shard: int = 64,
     )
 
 
-def ensure_prepared(benchmark: str, data_dir: str | Path | None, seed: int = 0) -> Path:
+def ensure_prepared(benchmark: str, data_dir: str | Path | None, seed: int = 0,
+                    head_share: float | None = None) -> Path:
     """The benchmark's directory, building DigitsMLT there the first time it is needed.
 
     The default cache (``data_dir`` None) is the platform's own: DigitsMLT is built there when
@@ -87,9 +90,19 @@ def ensure_prepared(benchmark: str, data_dir: str | Path | None, seed: int = 0) 
     refused with the ``tuner.prepare`` command that would fill it. Only files the platform
     wrote are ever deleted (:mod:`tuner.data.owned`). A stale build of a variant
     (``tuner.prepare --head-share``) is rebuilt as the same variant, never as the default.
+
+    ``head_share`` (a space's ``data.head_share``) asks for a DigitsMLT variant: the cache
+    keeps it in a folder of its own, and an empty folder the user names is filled with it. A
+    named folder that already holds a DigitsMLT is used as it is (the user chose it); when its
+    head share differs, one line on stderr says which build runs.
     """
-    path = Path(data_dir) if data_dir else default_data_dir(benchmark, seed)
+    if head_share is not None and benchmark not in EMBEDDED:
+        raise ConfigError(f"head_share builds a DigitsMLT variant; it is for digits-mlt only, "
+                          f"not {benchmark!r}")
+    path = Path(data_dir) if data_dir else default_data_dir(benchmark, seed, head_share)
     if (path / "manifest.json").is_file() and not _stale_embedded(benchmark, path):
+        if data_dir and head_share is not None:
+            _say_which_build(path, head_share)
         return path
     if benchmark not in EMBEDDED:
         raise DataError(_not_prepared(benchmark, path))
@@ -102,13 +115,15 @@ def ensure_prepared(benchmark: str, data_dir: str | Path | None, seed: int = 0) 
         if not (path / "manifest.json").is_file() or _stale_embedded(benchmark, path):
             if path.is_dir() and any(path.iterdir()):
                 check_removable(path, owned=data_dir is None, fix=fix)
-            head_share = _variant_head_share(path)
-            variant = f", head share {head_share} as its manifest records" if head_share else ""
-            if data_dir or head_share:
+            recorded = _variant_head_share(path)
+            share = head_share if head_share is not None else recorded
+            variant = (f", head share {share:g}" if head_share is not None
+                       else f", head share {share} as its manifest records" if share else "")
+            if data_dir or recorded:
                 print(f"data: building DigitsMLT (seed {seed}{variant}) into {path} (it held no "
                       f"current prepared benchmark)", file=sys.stderr)
             prepare_digits(path, seed=seed, overwrite=True, owned=data_dir is None,
-                           head_share=head_share)
+                           head_share=share)
     return path
 
 
@@ -148,6 +163,19 @@ def _stale_embedded(benchmark: str, path: Path) -> bool:
     except DataError:
         return True
     return manifest.get("build", {}).get("version", 1) != DIGITS_VERSION
+
+
+def _say_which_build(path: Path, head_share: float) -> None:
+    """One line when a named DigitsMLT folder is not the variant the space asks for."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        build = manifest.get("build", {}) if manifest.get("benchmark") == "digits-mlt" else None
+    except (OSError, ValueError, AttributeError):
+        return
+    if build is not None and build.get("head_share") != head_share:
+        print(f"data: {path} holds DigitsMLT with head share {build.get('head_share')}; it runs "
+              f"as named (data.head_share {head_share:g} picks the cache's build only)",
+              file=sys.stderr)
 
 
 def _variant_head_share(path: Path) -> float | None:
