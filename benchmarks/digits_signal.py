@@ -20,7 +20,9 @@ run of e epochs gives when the schedule does not depend on the budget (``schedul
 or ``rsqrt``, as ``splc.yaml``); with ``cosine`` (``hill.yaml``) it refuses.
 
 Each finished run is appended to ``--out`` (JSON lines); a second invocation with the same file
-skips the runs it already holds, so an interrupted measurement continues. ``--workers``
+skips the runs it already holds, so an interrupted measurement continues. Both spaces must name
+the same DigitsMLT build (``data.head_share``; ``splc.yaml`` names the 0.35 variant), which
+is prepared in the cache unless ``--data-dir`` names one. ``--workers``
 processes train at once, each with one torch thread: the figures do not depend on it.
 
     python benchmarks/digits_signal.py --out digits_signal.jsonl --workers 2
@@ -220,7 +222,7 @@ def summarize(rows: list[dict[str, Any]], budget: int | None = None) -> None:
         print(line)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--space", default="search_spaces/hill.yaml", help="space of (b) and (c)")
     p.add_argument("--bce-space", default="search_spaces/bce.yaml", help="constants of (a)")
@@ -233,9 +235,14 @@ def main() -> None:
     p.add_argument("--budgets", help="also report (a) and (c) at these budgets, e.g. 8,12,16")
     p.add_argument("--workers", type=int, default=1, help="processes training at once")
     p.add_argument("--out", default="digits_signal.jsonl", help="finished runs (JSON lines)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     budgets = budgets_of(args)
-    data_dir = str(ensure_prepared("digits-mlt", args.data_dir))
+    shares = {load_space(path).data["head_share"] for path in (args.space, args.bce_space)}
+    if len(shares) > 1:
+        raise SystemExit(f"--space {args.space} and --bce-space {args.bce_space} name other "
+                         f"DigitsMLT builds (data.head_share {sorted(shares, key=str)}); pass two "
+                         f"spaces of one build, e.g. --bce-space {args.space}")
+    data_dir = str(ensure_prepared("digits-mlt", args.data_dir, head_share=shares.pop()))
     runs = plan(args)
     out = Path(args.out)
     done = {json.loads(line)["key"]: json.loads(line)

@@ -90,7 +90,8 @@ def main() -> None:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError as exc:
         raise SystemExit(f"--params {args.params!r} / --seeds {args.seeds!r}: {exc}") from None
-    data_dir = str(ensure_prepared("digits-mlt", args.data_dir))
+    data_dir = str(ensure_prepared("digits-mlt", args.data_dir,
+                                   head_share=space.data["head_share"]))
     for seed in seeds:
         run = Run("splc", "splc", {"train": {**default_train(space), "seed": seed},
                                    "method": params}, space.view(), args.epochs or space.max_epochs)

@@ -155,3 +155,12 @@ def test_missing_rows_compare_the_released_coco_list_with_its_full_labels(tmp_pa
     assert released["head_prevalence"] == pytest.approx(2 / 3)
     assert set(rows) == {"toy, q=0.5", "COCO-2014 40% left (released)"}
     assert cooccurrence.missing_rows({"toy": labels}, 0.5, None).keys() == {"toy, q=0.5"}
+
+
+def test_digits_signal_refuses_two_spaces_of_other_builds(tmp_path: Path) -> None:
+    """(a) and (b)/(c) share one prepared directory, so their spaces must name one build."""
+    out = str(tmp_path / "runs.jsonl")
+    with pytest.raises(SystemExit, match=r"name other DigitsMLT builds \(data.head_share "
+                                         r"\[0.35, None\]\); pass two spaces of one build"):
+        digits_signal.main(["--space", str(ROOT / "search_spaces/splc.yaml"), "--out", out])
+    assert not Path(out).exists()
