@@ -269,6 +269,21 @@ def test_a_search_recorded_before_search_order_existed_continues(tmp_path: Path)
     assert experiment.check_reuse(args, space) is False
 
 
+def test_a_search_recorded_before_head_share_existed_continues_only_at_its_default(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    exp = started_experiment(tmp_path, finished=False)
+    record = json.loads((exp / experiment.RECORD).read_text())
+    assert record["fingerprint"].pop("data.head_share", "absent") is None  # recorded now
+    (exp / experiment.RECORD).write_text(json.dumps(record))  # as written before the key existed
+    args = search.build_parser().parse_args(search_argv(tmp_path, "--trials", "4"))
+    space = load_space(BCE, search.overrides_from_args(args), method="bce")
+    assert experiment.check_reuse(args, space) is False
+    variant = load_space(BCE, {**search.overrides_from_args(args), "data": {"head_share": 0.35}},
+                         method="bce")
+    with pytest.raises(ConfigError, match=r"data.head_share null -> 0.35"):
+        experiment.check_reuse(args, variant)
+
+
 def test_an_older_experiment_of_another_method_is_refused(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     exp = tmp_path / "exp" / "x"

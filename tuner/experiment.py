@@ -63,6 +63,20 @@ def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return out
 
 
+def with_new_defaults(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """``stored`` plus, at its default, every setting the tuner gained after it was recorded
+    (e.g. ``data.head_share``): an experiment left at that default stays resumable."""
+    from tuner.space import SECTIONS
+
+    out = dict(stored)
+    for key in current.keys() - stored.keys():
+        section, _, name = key.partition(".")
+        defaults = SECTIONS.get(section) or {}
+        if name in defaults:
+            out[key] = json.loads(json.dumps(defaults[name]))
+    return out
+
+
 def target(args: Any) -> Path | None:
     """The existing directory this command would continue, if any (``--resume`` / ``--name``)."""
     if args.resume:
@@ -83,7 +97,8 @@ def check_reuse(args: Any, space: Any) -> bool:
     record = read_record(exp_dir)
     if record is None:
         return _check_legacy(exp_dir, space)
-    diff = differences(record.get("fingerprint", {}), fingerprint(space))
+    current = fingerprint(space)
+    diff = differences(with_new_defaults(record.get("fingerprint", {}), current), current)
     if diff:
         shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
         state = "finished" if record.get("finished") else "started"
