@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 import methods
 from methods.bce import BCE
@@ -68,6 +69,16 @@ def test_every_method_gets_the_same_budget() -> None:
                 space.search["seed"]) == (5, 2, 0)
         assert space.resources == spaces[0].resources
         assert space.tunables(), f"{space.method}: the method's own domains must be kept"
+
+
+def test_every_method_runs_on_the_same_build() -> None:
+    """splc.yaml's own DigitsMLT variant (data.head_share) is not used by a comparison."""
+    settings = _settings("missing:0.6")
+    run, _ = compare.plan(methods.list_methods(), settings, SPACES)
+    assert {"bce", "splc"} <= set(run)
+    assert parse_space(yaml.safe_load((SPACES / "splc.yaml").read_text())).data["head_share"]
+    datas = [parse_space(compare.method_space(n, settings, SPACES), n, n).data for n in run]
+    assert all(d == datas[0] for d in datas) and datas[0]["head_share"] is None
 
 
 def test_each_search_retrains_its_best_configuration_with_the_seeds() -> None:
