@@ -165,13 +165,21 @@ def _stale_embedded(benchmark: str, path: Path) -> bool:
     return manifest.get("build", {}).get("version", 1) != DIGITS_VERSION
 
 
-def _say_which_build(path: Path, head_share: float) -> None:
-    """One line when a named DigitsMLT folder is not the variant the space asks for."""
+def _digits_build(path: Path) -> dict[str, Any] | None:
+    """The ``build`` record of the DigitsMLT manifest at ``path``; None when there is none."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-        build = manifest.get("build", {}) if manifest.get("benchmark") == "digits-mlt" else None
-    except (OSError, ValueError, AttributeError):
-        return
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("benchmark") != "digits-mlt":
+        return None
+    build = manifest.get("build")
+    return build if isinstance(build, dict) else None
+
+
+def _say_which_build(path: Path, head_share: float) -> None:
+    """One line when a named DigitsMLT folder is not the variant the space asks for."""
+    build = _digits_build(path)
     if build is not None and build.get("head_share") != head_share:
         print(f"data: {path} holds DigitsMLT with head share {build.get('head_share')}; it runs "
               f"as named (data.head_share {head_share:g} picks the cache's build only)",
@@ -184,11 +192,8 @@ def _variant_head_share(path: Path) -> float | None:
     A build records its head share; it is a variant when that differs from the default of the
     generator version that wrote it (``DEFAULT_HEAD_SHARE``; versions before 3 had none).
     """
-    try:
-        build = json.loads((path / MANIFEST).read_text()).get("build", {})
-        share, version = build.get("head_share"), build.get("version")
-    except (OSError, ValueError, AttributeError):
-        return None
+    build = _digits_build(path) or {}
+    share, version = build.get("head_share"), build.get("version")
     if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0.0 < share <= 1.0:
         return None
     default = DEFAULT_HEAD_SHARE.get(version) if isinstance(version, int) else None
